@@ -1,0 +1,71 @@
+"""The model card that travels inside every artifact: the engine takes preprocessing from it.
+
+Export embeds the card in the artifact (ONNX metadata ``c2p.card``, TorchScript extra file
+``card.json``), so an artifact copied without its folder still says what it expects. ``card.json`` in
+the export folder adds the artifacts' own digests, which cannot live inside the files they hash.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from models import consensus
+from models.geometry import GEOMETRY_FIELDS
+from models.registry import C2PConfig
+
+CARD_SCHEMA = 1
+ONNX_METADATA_KEY = "c2p.card"
+TORCHSCRIPT_CARD_FILE = "card.json"
+
+
+def output_specs(size: int) -> list[dict[str, Any]]:
+    shapes = {
+        "prob": ["batch", 1, size, size],
+        "view_weights": ["batch", consensus.NUM_VIEWS],
+        "view_inconsistency": ["batch", consensus.NUM_VIEWS],
+        "geometry_pred": ["batch", len(GEOMETRY_FIELDS)],
+        "geometry_mask": ["batch", len(GEOMETRY_FIELDS)],
+        "geometry_valid": ["batch", len(GEOMETRY_FIELDS)],
+        "view_agreement": ["batch"],
+        "empty_gate": ["batch"],
+    }
+    return [
+        {"name": name, "shape": shapes[name], "dtype": "bool" if name == "geometry_valid" else "float32"}
+        for name in consensus.OUTPUT_NAMES
+    ]
+
+
+def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
+    """Everything a serving process needs to feed and read the artifact, and where its weights came from."""
+    size = config.input_size
+    return {
+        "schema": CARD_SCHEMA,
+        "variant": config.name,
+        "config": config.to_dict(),
+        "input": {
+            "name": "image",
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "channels": "RGB",
+            "size": size,
+            "scale": "pixels / 255, then (x - mean) / std",
+            "mean": list(config.mean),
+            "std": list(config.std),
+        },
+        "outputs": output_specs(size),
+        "geometry_fields": list(GEOMETRY_FIELDS),
+        "consensus": {
+            "views": list(consensus.VIEWS),
+            "area_weight": consensus.AREA_WEIGHT,
+            "weight_sharpness": consensus.WEIGHT_SHARPNESS,
+            "empty_area": consensus.EMPTY_AREA,
+            "empty_mean_prob": consensus.EMPTY_MEAN_PROB,
+            "threshold": consensus.THRESHOLD,
+        },
+        "weights": weights,
+        "exported_with": {"torch": torch.__version__, "python": platform.python_version()},
+    }

@@ -1,0 +1,54 @@
+"""The shared concept tokens and the SCFM modality vector that conditions the semantic ones.
+
+GEO and SEM tokens are shared by every dataset; what tells a colonoscopy frame from a CT slice is the
+modality vector, computed from the image's low-level style (E2 statistics) and high-level content
+(pooled E5), and added to the SEM tokens only: semantics depend on the modality, geometry does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ModalityVector(nn.Module):
+    """SCFM: style = per-channel mean and std of E2, content = global pool of E5, fused by an MLP."""
+
+    def __init__(self, e2_channels: int, e5_channels: int, token_dim: int) -> None:
+        super().__init__()
+        half = token_dim // 2
+        self.style = nn.Sequential(nn.Linear(2 * e2_channels, half), nn.GELU())
+        self.content = nn.Sequential(nn.Linear(e5_channels, half), nn.GELU())
+        self.fuse = nn.Sequential(nn.Linear(2 * half, token_dim), nn.GELU(), nn.Linear(token_dim, token_dim))
+
+    def forward(self, e2: torch.Tensor, e5: torch.Tensor) -> torch.Tensor:
+        flat = e2.flatten(2)
+        style = torch.cat([flat.mean(-1), flat.std(-1)], dim=-1)
+        content = e5.flatten(2).mean(-1)
+        return self.fuse(torch.cat([self.style(style), self.content(content)], dim=-1))
+
+
+class ConceptTokens(nn.Module):
+    """9 GEO + 9 SEM learnable tokens, projected to the interaction width D by one shared projection."""
+
+    def __init__(
+        self, num_geo: int, num_sem: int, token_dim: int, dim: int, geo_noise: float, e2_channels: int, e5_channels: int
+    ) -> None:
+        super().__init__()
+        self.num_geo = num_geo
+        self.geo_noise = geo_noise
+        self.geo = nn.Parameter(torch.empty(num_geo, token_dim))
+        self.sem = nn.Parameter(torch.empty(num_sem, token_dim))
+        nn.init.xavier_uniform_(self.geo)
+        nn.init.xavier_uniform_(self.sem)
+        self.modality = ModalityVector(e2_channels, e5_channels, token_dim)
+        self.project = nn.Sequential(nn.Linear(token_dim, dim), nn.LayerNorm(dim), nn.GELU())
+
+    def forward(self, e2: torch.Tensor, e5: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, num_geo + num_sem, D]: GEO first, then SEM."""
+        batch = e2.shape[0]
+        geo = self.geo.unsqueeze(0).expand(batch, -1, -1)
+        if self.training and self.geo_noise > 0:
+            geo = geo + self.geo_noise * torch.randn_like(geo)
+        sem = self.sem.unsqueeze(0) + self.modality(e2, e5).unsqueeze(1)
+        return self.project(torch.cat([geo, sem], dim=1))

@@ -1,0 +1,84 @@
+"""The ``c2p`` command. Each subcommand builds Settings once and hands them down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("c2p")
+
+# Exporters log every rewrite at INFO; an operator needs none of it.
+QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import export_model
+
+    card = export_model(args.model, args.out, check=not args.no_check)
+    print(json.dumps({"out": str(args.out), "variant": card["variant"], "digest": card["digest"],
+                      "weights": card["weights"].get("source"), "parity": card.get("parity")}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.artifacts import ensure_artifact
+    from service.config import load_settings
+    from service.engine import load_engine, warm_up
+
+    settings = load_settings(host=args.host, port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url,
+                             model=args.model)
+    directory = ensure_artifact(settings.model, settings.artifacts_dir)
+    engine = load_engine(directory, settings.engine)
+    timings = warm_up(engine, (1, settings.engine.max_batch_size)) if settings.engine.warmup else {}
+    card = engine.artifact.card
+    print(json.dumps({"model": card["variant"], "digest": engine.artifact.digest, "engine": settings.engine.kind,
+                      "device": engine.device, "weights": card["weights"].get("source"),
+                      "warmup_seconds": {str(k): round(v, 3) for k, v in timings.items()}}, indent=2))
+    log.warning("the engine is loaded and warm; the HTTP/gRPC gateway arrives with the serving core (issue 4)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service (embedded defaults: bundled model, CPU)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--redis-url")
+    serve.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
+    serve.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser("export", help="write model.onnx, model.ts and card.json for a model")
+    export.add_argument("--model", required=True, help="variant name (e.g. c2p-femto-256) or checkpoint path")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from service.errors import ServiceError
+
+    try:
+        return int(args.func(args))
+    except (ServiceError, ValueError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
