@@ -27,6 +27,7 @@ __all__ = [
     "ATTRIBUTES",
     "ATTRIBUTE_SLICES",
     "GEOMETRY_FIELDS",
+    "ISOTROPY_LIMIT",
     "NUM_GEOMETRY",
     "flip_geometry",
     "measure",
@@ -92,9 +93,7 @@ _PERIMETER_LENGTHS[[13, 23]] = (1.0 + math.sqrt(2.0)) / 2.0
 # Which condition makes each of the 14 columns defined: 0 always, 1 a non-empty mask, 2 principal axes
 # (>= 2 pixels), 3 a clear principal direction (anisotropy >= ISOTROPY_LIMIT).
 _CONDITION = {"area": 0, "aspect_ratio": 2, "eccentricity": 2, "orientation": 3}
-_VALIDITY_CONDITION = torch.tensor(
-    [_CONDITION.get(name, 1) for name, width in ATTRIBUTES for _ in range(width)]
-)
+_VALIDITY_CONDITION = torch.tensor([_CONDITION.get(name, 1) for name, width in ATTRIBUTES for _ in range(width)])
 _BIG = 1.0e30  # a finite "infinity": the masked reductions below must never produce inf or NaN
 _ABSENT = 2.0**26  # abscissa of absent hull candidates, beyond any (doubled) image width
 
@@ -170,9 +169,7 @@ def _lower_hull_at_rows(f: Tensor, present: Tensor) -> tuple[Tensor, Tensor, Ten
     at_or_before = position <= rows.unsqueeze(-1)  # [H, M]
     at_or_after = position >= rows.unsqueeze(-1)
     before = torch.where(at_or_before, torch.where(vertex, position, -1.0)[..., None, :], -1.0).amax(dim=-1)
-    after = torch.where(at_or_after, torch.where(vertex, position, _ABSENT)[..., None, :], _ABSENT).amin(
-        dim=-1
-    )
+    after = torch.where(at_or_after, torch.where(vertex, position, _ABSENT)[..., None, :], _ABSENT).amin(dim=-1)
     inside = (before >= 0) & (after < _ABSENT)
     before = torch.where(inside, before, torch.zeros_like(before))
     after = torch.where(inside, after, torch.zeros_like(after))
@@ -201,7 +198,7 @@ def _convex_hull_pixels(rows_any: Tensor, first: Tensor, last: Tensor) -> Tensor
         return torch.cat([edge, x, edge], dim=-1)
 
     first_ext, last_ext = extend(first, _BIG), extend(last, -1.0)
-    any_ext = extend(rows_any.to(first.dtype), 0.0) > 0
+    any_ext = extend(rows_any.to(first.dtype), 0.0) > 0  # full_like(bool) does not trace
     half_first = torch.minimum(first_ext[..., :-1], first_ext[..., 1:])
     half_last = torch.maximum(last_ext[..., :-1], last_ext[..., 1:])
     half_present = any_ext[..., :-1] | any_ext[..., 1:]
@@ -215,9 +212,7 @@ def _convex_hull_pixels(rows_any: Tensor, first: Tensor, last: Tensor) -> Tensor
     present = interleave(half_present, rows_any)
 
     # Both sides in one call (upper envelope = -lower(-x)): half the nodes in an exported graph.
-    num, den, inside = _lower_hull_at_rows(
-        torch.stack([left, -right], dim=1), torch.stack([present, present], 1)
-    )
+    num, den, inside = _lower_hull_at_rows(torch.stack([left, -right], dim=1), torch.stack([present, present], 1))
     num_l, num_r = num.unbind(dim=1)
     den_l, den_r = den.unbind(dim=1)
     inside_l, inside_r = inside.unbind(dim=1)

@@ -84,17 +84,18 @@ class C2PConfig:
 
 
 VARIANTS: dict[str, C2PConfig] = {
-    # The reference configuration of the paper's code.
-    "c2p-base-384": C2PConfig(name="c2p-base-384", backbone="convnextv2_base", input_size=384),
-    "c2p-tiny-256": C2PConfig(name="c2p-tiny-256", backbone="convnextv2_tiny", input_size=256, dim=256, token_dim=512),
-    "c2p-nano-256": C2PConfig(name="c2p-nano-256", backbone="convnextv2_nano", input_size=256, dim=192, token_dim=384),
-    # The variant the service ships: small enough to train on a CPU and to fit a 25 MB checkpoint.
-    "c2p-femto-256": C2PConfig(name="c2p-femto-256", backbone="convnextv2_femto", input_size=256, dim=128, token_dim=256),
-    "c2p-femto-192": C2PConfig(name="c2p-femto-192", backbone="convnextv2_femto", input_size=192, dim=128, token_dim=256),
-    # For tests only: the same structure at a size CI runs in milliseconds.
-    "c2p-test-64": C2PConfig(
-        name="c2p-test-64", backbone="convnextv2_atto", input_size=64, dim=64, token_dim=64, num_heads=4, geo_hidden=64
-    ),
+    config.name: config
+    for config in (
+        # The reference configuration of the paper's code.
+        C2PConfig("c2p-base-384", "convnextv2_base", 384),
+        C2PConfig("c2p-tiny-256", "convnextv2_tiny", 256, dim=256, token_dim=512),
+        C2PConfig("c2p-nano-256", "convnextv2_nano", 256, dim=192, token_dim=384),
+        # The variant the service ships: small enough to train on a CPU and to fit a 25 MB checkpoint.
+        C2PConfig("c2p-femto-256", "convnextv2_femto", 256, dim=128, token_dim=256),
+        C2PConfig("c2p-femto-192", "convnextv2_femto", 192, dim=128, token_dim=256),
+        # For tests only: the same structure at a size CI runs in milliseconds.
+        C2PConfig("c2p-test-64", "convnextv2_atto", 64, dim=64, token_dim=64, num_heads=4, geo_hidden=64),
+    )
 }
 
 DEFAULT_VARIANT = "c2p-femto-256"

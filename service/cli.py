@@ -24,8 +24,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from models.export import export_model
 
     card = export_model(args.model, args.out, check=not args.no_check)
-    print(json.dumps({"out": str(args.out), "variant": card["variant"], "digest": card["digest"],
-                      "weights": card["weights"].get("source"), "parity": card.get("parity")}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "variant": card["variant"],
+                "digest": card["digest"],
+                "weights": card["weights"].get("source"),
+                "parity": card.get("parity"),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -34,15 +44,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.engine import load_engine, warm_up
 
-    settings = load_settings(host=args.host, port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url,
-                             model=args.model)
+    settings = load_settings(
+        host=args.host, port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url, model=args.model
+    )
     directory = ensure_artifact(settings.model, settings.artifacts_dir)
     engine = load_engine(directory, settings.engine)
     timings = warm_up(engine, (1, settings.engine.max_batch_size)) if settings.engine.warmup else {}
     card = engine.artifact.card
-    print(json.dumps({"model": card["variant"], "digest": engine.artifact.digest, "engine": settings.engine.kind,
-                      "device": engine.device, "weights": card["weights"].get("source"),
-                      "warmup_seconds": {str(k): round(v, 3) for k, v in timings.items()}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": card["variant"],
+                "digest": engine.artifact.digest,
+                "engine": settings.engine.kind,
+                "device": engine.device,
+                "weights": card["weights"].get("source"),
+                "warmup_seconds": {str(k): round(v, 3) for k, v in timings.items()},
+            },
+            indent=2,
+        )
+    )
     log.warning("the engine is loaded and warm; the HTTP/gRPC gateway arrives with the serving core (issue 4)")
     return 0
 

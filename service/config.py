@@ -25,6 +25,9 @@ class EngineSettings(BaseModel):
     intra_op_threads: int = Field(0, ge=0, le=256)
     inter_op_threads: int = Field(1, ge=1, le=64)
     max_batch_size: int = Field(16, ge=1, le=1024)
+    # ONNX Runtime's idle threads spin for a while after each run. That buys a little latency on a
+    # dedicated core and steals CPU from everything else in the process (decoding, the batcher).
+    spin_wait: bool = False
     warmup: bool = True
 
 
@@ -63,5 +66,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise ValueError(f"unknown settings in the environment: {', '.join(unknown)}")
     settings = Settings()
     if overrides:
-        settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+        settings = Settings.model_validate(
+            {**settings.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
     return settings

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
 CARD_FILE = "card.json"
-OPSET = 18
+OPSET = 20
 # Parity with eager PyTorch that an export must show on its probe batch before it is written out.
 PARITY_ATOL = 1e-4
 PARITY_OUTPUTS = ("prob", "view_weights", "geometry_pred")

@@ -30,9 +30,7 @@ class UNetDecoder(nn.Module):
     def __init__(self, channels: Sequence[int], out_channels: int) -> None:
         super().__init__()
         c2, c3, c4, c5 = channels
-        self.blocks = nn.ModuleList(
-            [UpBlock(c5, c4, c4), UpBlock(c4, c3, c3), UpBlock(c3, c2, out_channels)]
-        )
+        self.blocks = nn.ModuleList([UpBlock(c5, c4, c4), UpBlock(c4, c3, c3), UpBlock(c3, c2, out_channels)])
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         e2, e3, e4, e5 = features

@@ -35,6 +35,9 @@ class OnnxEngine:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        spin = "1" if settings.spin_wait else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         try:
             self.session = ort.InferenceSession(
                 str(artifact.path), sess_options=options, providers=providers_for(settings.device)

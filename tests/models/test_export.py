@@ -15,12 +15,13 @@ from models.checkpoint import save_checkpoint
 from models.consensus import OUTPUT_NAMES
 from models.export import ONNX_FILE, TORCHSCRIPT_FILE, ServingGraph, export_model, probe_batch
 from models.export.card import ONNX_METADATA_KEY, TORCHSCRIPT_CARD_FILE
+from models.geometry import measure
 from models.registry import build_c2p, get_config
 from tests.conftest import seeded_network
 
 ATOL = 1e-4
-# Fused probability and geometry within 1e-4 (the bar); the rest of the outputs too.
-COMPARED = ("prob", "geometry_pred", "geometry_mask", "view_weights", "view_inconsistency", "view_agreement")
+# Fused probability and geometry within 1e-4 (the bar); the rest of the continuous outputs too.
+COMPARED = ("prob", "geometry_pred", "view_weights", "view_inconsistency", "view_agreement")
 
 
 def eager_outputs(network: torch.nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,8 +43,12 @@ def torchscript_outputs(folder: Path, images: np.ndarray) -> dict[str, np.ndarra
 def assert_parity(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
     for name in COMPARED:
         np.testing.assert_allclose(other[name], reference[name], atol=ATOL, rtol=0, err_msg=name)
-    np.testing.assert_array_equal(other["geometry_valid"], reference["geometry_valid"])
     np.testing.assert_array_equal(other["empty_gate"], reference["empty_gate"])
+    # The measured geometry is a step function of prob at 0.5: a pixel 1e-7 from the threshold may land
+    # on either side in another runtime. So check it is exactly the geometry of the runtime's own mask.
+    values, valid = measure(torch.from_numpy(other["prob"][:, 0]), 0.5)
+    np.testing.assert_allclose(other["geometry_mask"], values.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(other["geometry_valid"], valid.numpy())
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -238,12 +238,8 @@ def test_input_types_and_threshold() -> None:
 def test_soft_measures_equal_hard_ones_on_binary_masks() -> None:
     stack = torch.from_numpy(np.stack(list(SHAPES.values()))).float()
     values, _ = measure(stack)
-    torch.testing.assert_close(
-        soft_area(stack), values[:, ATTRIBUTE_SLICES["area"]].squeeze(-1), rtol=0, atol=1e-7
-    )
-    torch.testing.assert_close(
-        soft_centroid(stack), values[:, ATTRIBUTE_SLICES["centroid"]], rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(soft_area(stack), values[:, ATTRIBUTE_SLICES["area"]].squeeze(-1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(soft_centroid(stack), values[:, ATTRIBUTE_SLICES["centroid"]], rtol=0, atol=1e-5)
 
 
 def test_soft_measures_of_empty_and_low_precision_maps() -> None:
@@ -277,12 +273,8 @@ def test_flip_identities(horizontal: bool) -> None:
     assert torch.equal(flipped_valid, valid)
     torch.testing.assert_close(flip_geometry(values, horizontal, valid), flipped_values, rtol=0, atol=1e-5)
     # Without valid the map is the same on every valid entry, and it is an involution.
-    torch.testing.assert_close(
-        flip_geometry(values, horizontal)[valid], flipped_values[valid], rtol=0, atol=1e-5
-    )
-    torch.testing.assert_close(
-        flip_geometry(flip_geometry(values, horizontal), horizontal), values, rtol=0, atol=1e-7
-    )
+    torch.testing.assert_close(flip_geometry(values, horizontal)[valid], flipped_values[valid], rtol=0, atol=1e-5)
+    torch.testing.assert_close(flip_geometry(flip_geometry(values, horizontal), horizontal), values, rtol=0, atol=1e-7)
 
 
 def test_flip_geometry_keeps_leading_dims() -> None:
@@ -304,9 +296,7 @@ def _edge_cases() -> torch.Tensor:
             torch.rand(4, H, W, generator=torch.Generator().manual_seed(0)),
             corners,
             checker,
-            torch.from_numpy(
-                np.stack([SHAPES[k] for k in ("single_pixel", "row", "column", "two_pixels")])
-            ).float(),
+            torch.from_numpy(np.stack([SHAPES[k] for k in ("single_pixel", "row", "column", "two_pixels")])).float(),
         ]
     )
 
@@ -315,6 +305,30 @@ def test_values_finite_and_in_unit_interval() -> None:
     values, _ = measure(_edge_cases())
     assert torch.isfinite(values).all()
     assert (values >= 0).all() and (values <= 1).all()
+
+
+def test_autocast_does_not_change_values() -> None:
+    masks = torch.cat([_random_masks(6, seed=5).float(), _edge_cases()])
+    expected = measure(masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, valid = measure(masks)
+    assert values.dtype == torch.float32
+    assert torch.equal(values, expected[0]) and torch.equal(valid, expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    masks = torch.cat([_random_masks(6, seed=5).float(), _edge_cases()])
+    expected, expected_valid = measure(masks)
+    values, valid = measure(masks.cuda())
+    assert values.device.type == "cuda"
+    torch.testing.assert_close(values.cpu(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(valid.cpu(), expected_valid)
+    with torch.autocast("cuda", dtype=torch.float16):
+        values, valid = measure(masks.cuda())
+    torch.testing.assert_close(values.cpu(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(soft_centroid(masks.cuda().half()).cpu(), soft_centroid(masks), rtol=0, atol=1e-5)
 
 
 class _Measure(torch.nn.Module):
