@@ -68,6 +68,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train.config import load_train_config
+    from models.train.trainer import Trainer
+
+    trainer = Trainer(load_train_config(args.config), resume=args.resume, progress=not args.quiet)
+    path = trainer.run(until=args.until)
+    print(json.dumps({"checkpoint": str(path), "step": trainer.step}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -86,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
     export.set_defaults(func=cmd_export)
+
+    train = commands.add_parser("train", help="train a C2P model from a TOML config (resumable)")
+    train.add_argument("--config", required=True, help="TOML file: [model] [data] [train] [loss] [augment]")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    train.add_argument("--until", type=int, help="stop after this step (the schedule still spans all steps)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
     return parser
 
 
