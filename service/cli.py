@@ -78,6 +78,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, args.json, report_dir=args.report, batch=args.batch)
+    print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--until", type=int, help="stop after this step (the schedule still spans all steps)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="Dice/IoU per dataset, consensus vs one view, reliability")
+    evaluate.add_argument("--model", required=True, help="variant name or checkpoint (.safetensors)")
+    evaluate.add_argument("--data", required=True, help="a dataset folder or a root of several")
+    evaluate.add_argument("--json", required=True, help="where to write the results")
+    evaluate.add_argument("--report", help="folder for report.md, reliability.png and gallery.png")
+    evaluate.add_argument("--batch", type=int, default=8)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 
