@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger("c2p")
 
@@ -86,6 +87,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from models.data.synth import write_benchmark
+
+    paths = write_benchmark(
+        args.out, seed=args.seed, n_train=args.train, n_test=args.test, size=args.size, workers=args.workers,
+        progress=True,
+    )  # fmt: skip
+    print(json.dumps({"out": str(args.out), "datasets": [p.name for p in paths]}, indent=2))
+    return 0
+
+
+def cmd_data_mni_wm(args: argparse.Namespace) -> int:
+    from models.data.mni_wm import write_mni_white_matter
+
+    path = write_mni_white_matter(args.out, size=args.size, seed=args.seed)
+    print(json.dumps({"dataset": str(path)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", help="folder for report.md, reliability.png and gallery.png")
     evaluate.add_argument("--batch", type=int, default=8)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    data = commands.add_parser("data", help="make datasets: the synthetic universal benchmark, MNI white matter")
+    kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
+    synth = kinds.add_parser("synth", help="the universal benchmark (8 training tasks, zero-shot tasks)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=int, default=300, help="training images per task")
+    synth.add_argument("--test", type=int, default=60, help="test images per task")
+    synth.add_argument("--size", type=int, default=256)
+    synth.add_argument("--workers", type=int, default=1)
+    synth.set_defaults(func=cmd_data_synth)
+    mni = kinds.add_parser("mni-wm", help="white matter on the MNI152 T1 (real anatomy, one target)")
+    mni.add_argument("--out", type=Path, required=True)
+    mni.add_argument("--size", type=int, default=256)
+    mni.add_argument("--seed", type=int, default=0)
+    mni.set_defaults(func=cmd_data_mni_wm)
     return parser
 
 
