@@ -27,14 +27,21 @@ class LossParts(NamedTuple):
 
 
 def boundary_weights(gt: torch.Tensor) -> torch.Tensor:
-    """1 + 5 |avgpool31(gt) - gt|: near 1 inside flat regions, up to 6 at edges."""
-    pooled = F.avg_pool2d(gt, BOUNDARY_KERNEL, stride=1, padding=BOUNDARY_KERNEL // 2, count_include_pad=False)
+    """1 + 5 |avgpool31(gt) - gt|: near 1 inside flat regions, up to 6 at edges.
+
+    The 31x31 mean (borders excluded from the count) is separable: a 31x1 then a 1x31 mean give the
+    same numbers for 2/31 of the work, which matters on a CPU. The weights of 1 - gt are the same, so
+    fg and bg share one computation.
+    """
+    k, pad = BOUNDARY_KERNEL, BOUNDARY_KERNEL // 2
+    pooled = F.avg_pool2d(gt, (k, 1), stride=1, padding=(pad, 0), count_include_pad=False)
+    pooled = F.avg_pool2d(pooled, (1, k), stride=1, padding=(0, pad), count_include_pad=False)
     return 1 + BOUNDARY_WEIGHT * (pooled - gt).abs()
 
 
-def structure_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+def structure_loss(logits: torch.Tensor, gt: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Focal BCE + weighted IoU, per image, averaged. logits and gt [B, 1, H, W]."""
-    weights = boundary_weights(gt)
+    weights = boundary_weights(gt) if weights is None else weights
     bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
     prob = torch.sigmoid(logits)
     p_true = prob * gt + (1 - prob) * (1 - gt)
@@ -53,8 +60,9 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0) -> to
 
 
 def segmentation_loss(fg: torch.Tensor, bg: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    background = 1 - gt
-    return structure_loss(fg, gt) + structure_loss(bg, background) + dice_loss(fg, gt) + dice_loss(bg, background)
+    background, weights = 1 - gt, boundary_weights(gt)
+    structure = structure_loss(fg, gt, weights) + structure_loss(bg, background, weights)
+    return structure + dice_loss(fg, gt) + dice_loss(bg, background)
 
 
 def geometry_loss(predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

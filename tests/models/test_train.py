@@ -44,6 +44,13 @@ def test_boundary_weights_by_hand() -> None:
     assert weights[0, 0, 32, 32].item() == pytest.approx(1 + 5 * (1 - 16 / 31), abs=1e-5)
 
 
+def test_separable_boundary_weights_equal_the_31x31_pool() -> None:
+    gt = (torch.rand(2, 1, 48, 40, generator=torch.Generator().manual_seed(0)) > 0.7).float()
+    pooled = torch.nn.functional.avg_pool2d(gt, 31, stride=1, padding=15, count_include_pad=False)
+    torch.testing.assert_close(boundary_weights(gt), 1 + 5 * (pooled - gt).abs(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(boundary_weights(1 - gt), boundary_weights(gt), atol=1e-5, rtol=0)
+
+
 def test_geometry_loss_ignores_invalid_entries() -> None:
     predicted = torch.zeros(2, 14)
     target = torch.ones(2, 14)
