@@ -91,6 +91,8 @@ class Trainer:
         self.tasks = [load_task(p, "train", size, cache, encoder) for p in paths]
         self.eval_tasks = [load_task(p, "test", size, cache, None) for p in paths if self._has_test(p)]
         self.network = build_c2p(self.model_config).to(self.device).train()
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.network = self.network.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = MultiTaskSampler(self.tasks, config.batch_per_dataset, self.generator)
         self.step = 0
@@ -111,7 +113,7 @@ class Trainer:
         images, masks, geometry, valid = augment(
             batch["images"], batch["masks"], batch["geometry"], batch["valid"], self.config.augment, self.generator
         )
-        images, masks = images.to(self.device), masks.to(self.device)
+        images, masks = images.to(self.device, memory_format=self.memory_format), masks.to(self.device)
         geometry, valid = geometry.to(self.device), valid.to(self.device)
         semantics, task = batch["semantics"].to(self.device), batch["task"]
         for group in self.optimizer.param_groups:
