@@ -36,6 +36,9 @@ class TrainConfig:
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     source: str = ""
+    # Start from these weights (a shipped or earlier checkpoint) instead of a fresh network; paths
+    # relative to the config file. A resumed run ignores it: its own last checkpoint wins.
+    init: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,6 +83,8 @@ def load_train_config(path: str | Path) -> TrainConfig:
     if "out" not in train:
         raise ValueError(f"{path}: [train] needs out = folder")
     train["out"] = resolve(train["out"])
+    if train.get("init"):
+        train["init"] = resolve(train["init"])
     return TrainConfig(
         variant=variant,
         model_overrides=model,

@@ -98,6 +98,9 @@ class Trainer:
         self.step = 0
         if resume and (self.out / "last.safetensors").is_file():
             self._resume()
+        elif config.init:
+            self.network.load_state_dict(read_tensors(config.init), strict=True)
+            log.info("initialised from %s", config.init)
 
     @staticmethod
     def _has_test(path: Path) -> bool:

@@ -193,6 +193,16 @@ def test_semantic_targets_are_embedded_and_cached(tmp_path: Path, datasets: Path
     assert math.isfinite(trainer.train_step()["sem"])
 
 
+def test_init_starts_from_given_weights(tmp_path: Path, datasets: Path) -> None:
+    first = Trainer(load_train_config(config_file(tmp_path / "a", datasets, steps=2)), progress=False)
+    weights = first.run()
+    path = config_file(tmp_path / "b", datasets, steps=1)
+    path.write_text(path.read_text().replace('out = "run"', f'out = "run"\ninit = "{weights}"'))
+    second = Trainer(load_train_config(path), progress=False)
+    for (name, a), b in zip(first.network.state_dict().items(), second.network.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_config_errors_are_clear(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[model]\nvariant = "c2p-test-64"\n[data]\ndatasets = ["x"]\n[train]\nout = "o"\nstepz = 3\n')
