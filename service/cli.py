@@ -106,6 +106,19 @@ def cmd_data_mni_wm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from models.ship import ship
+
+    provenance = json.loads(Path(args.provenance).read_text()) if args.provenance else {}
+    weights = (
+        ship(args.checkpoint, args.eval, provenance, args.out)
+        if args.out
+        else ship(args.checkpoint, args.eval, provenance)
+    )
+    print(json.dumps({"weights": str(weights), "bytes": weights.stat().st_size}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -139,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", help="folder for report.md, reliability.png and gallery.png")
     evaluate.add_argument("--batch", type=int, default=8)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    ship = commands.add_parser("ship", help="store a trained checkpoint as the package's weights, with its card")
+    ship.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors + .json)")
+    ship.add_argument("--eval", required=True, help="the JSON written by c2p evaluate for this checkpoint")
+    ship.add_argument("--provenance", help="JSON file: command, data, hardware, other measurements")
+    ship.add_argument("--out", type=Path, help="folder (default: models/weights inside the package)")
+    ship.set_defaults(func=cmd_ship)
 
     data = commands.add_parser("data", help="make datasets: the synthetic universal benchmark, MNI white matter")
     kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")
