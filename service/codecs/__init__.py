@@ -1,0 +1,1 @@
+"""Format readers and writers, one module per format; pure functions where the format allows."""
