@@ -1,8 +1,9 @@
 """One reliability score per image from the consensus outputs, shared by evaluation and the service.
 
 Three signals, each in [0, 1], that should all be high when a segmentation is right:
-- agreement: mean pairwise soft Dice of the three views (a model that is unsure flips its answer),
-- consistency: mean view weight exp(-5u) (each view's mask matches its own predicted geometry),
+- agreement: mean pairwise Dice of the three views' masks (a model that is unsure flips its answer),
+- consistency: mean view weight exp(-5u) (each view's mask matches its own predicted geometry); for
+  an empty result, where u's centroid term is undefined, how firmly the GEO heads predict no area,
 - geometry: predicted vs measured area and centroid of the final mask agree.
 The score is their weighted mean; evaluation reports how well it ranks real Dice (Spearman, AUROC).
 """
@@ -29,7 +30,9 @@ def geometry_gap(predicted: np.ndarray, measured: np.ndarray, valid: np.ndarray)
 def reliability(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Score and its parts, per image, from the engine's named outputs."""
     agreement = np.clip(outputs["view_agreement"], 0, 1)
-    consistency = np.clip(outputs["view_weights"].mean(-1), 0, 1)
+    empty = ~outputs["geometry_valid"][:, ATTRIBUTE_SLICES["centroid"]].any(-1)
+    predicted_area = outputs["geometry_pred"][:, ATTRIBUTE_SLICES["area"]][:, 0]
+    consistency = np.where(empty, np.exp(-100 * predicted_area), np.clip(outputs["view_weights"].mean(-1), 0, 1))
     gap = geometry_gap(outputs["geometry_pred"], outputs["geometry_mask"], outputs["geometry_valid"])
     geometry = np.exp(-5 * gap)
     score = WEIGHTS["agreement"] * agreement + WEIGHTS["consistency"] * consistency + WEIGHTS["geometry"] * geometry

@@ -102,6 +102,13 @@ def test_empty_gate_fires_only_when_area_and_probability_are_both_tiny() -> None
     assert out.empty_gate[0] == 0 and out.prob.max() > 0.99
 
 
+def test_views_that_all_see_nothing_agree() -> None:
+    """Agreement is about decisions: faint background probability (0.01 everywhere) is no disagreement."""
+    faint = torch.full((3, 1, SIZE, SIZE), -4.6)  # sigmoid = 0.01
+    out = consensus(faint, torch.stack([predicted(0.0, 0.5, 0.5)] * 3))
+    assert out.view_agreement[0].item() == 1.0
+
+
 def test_batch_elements_do_not_mix() -> None:
     torch.manual_seed(0)
     b = 3

@@ -57,6 +57,22 @@ def test_reliability_score_by_hand() -> None:
     assert level(0.85) == "high" and level(0.6) == "medium" and level(0.1) == "low"
 
 
+def test_empty_result_is_judged_by_the_predicted_area() -> None:
+    geometry = np.zeros((2, 14), np.float32)
+    geometry[1, 4] = 0.05  # the GEO heads expected 5% of the image: an empty mask is then doubtful
+    outputs = {
+        "view_agreement": np.array([1.0, 1.0]),
+        "view_weights": np.full((2, 3), 0.01),  # u's centroid term is undefined for empty masks
+        "geometry_pred": geometry,
+        "geometry_mask": np.zeros((2, 14), np.float32),
+        "geometry_valid": np.zeros((2, 14), bool),
+    }
+    parts = reliability(outputs)
+    assert parts["consistency"][0] == pytest.approx(1.0)
+    assert parts["consistency"][1] == pytest.approx(np.exp(-5))
+    assert parts["score"][0] > 0.9 > parts["score"][1]
+
+
 def test_evaluate_writes_results_and_a_report(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_nnunet(data, "Dataset001_Blobs", 2, 6, seed=3)
