@@ -33,7 +33,7 @@ class ConsensusOutput(NamedTuple):
     geometry_pred: torch.Tensor  # [B, 14] predicted geometry, un-flipped and fused with the view weights
     geometry_mask: torch.Tensor  # [B, 14] geometry measured on the final mask (prob >= 0.5)
     geometry_valid: torch.Tensor  # [B, 14] bool, which measured values are defined
-    view_agreement: torch.Tensor  # [B] mean pairwise Dice of the un-flipped views' masks
+    view_agreement: torch.Tensor  # [B] mean pairwise soft Dice of the un-flipped views (1 if all see nothing)
     empty_gate: torch.Tensor  # [B] 1.0 where the empty gate suppressed the mask
 
 
@@ -56,20 +56,22 @@ def _unflip_geometry(geometry: torch.Tensor) -> torch.Tensor:
     )
 
 
-def pairwise_dice(maps: torch.Tensor) -> torch.Tensor:
-    """[3, B, H, W] view probabilities -> [B] mean Dice over the three pairs of their masks (p >= 0.5).
+def pairwise_dice(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[3, B, H, W] view probabilities -> [B] mean soft Dice over the three pairs.
 
-    Hard masks, because agreement is about the decisions: soft Dice of two near-empty maps is decided
-    by background noise (0.01 everywhere gives 0.01). Two empty masks agree: 1.
+    Soft, so hesitation (pixels near 0.5) lowers agreement, not only flipped decisions. But the soft
+    Dice of near-empty maps is decided by background noise (0.01 everywhere gives 0.01), so where no
+    view has a single pixel at or above 0.5 the views agree on "nothing here": 1.
     """
-    flat = (maps >= THRESHOLD).to(maps.dtype).flatten(2)
+    flat = maps.flatten(2)
     sums = flat.sum(-1)
     dice = []
     for i, j in ((0, 1), (0, 2), (1, 2)):
         inter = (flat[i] * flat[j]).sum(-1)
-        total = sums[i] + sums[j]
-        dice.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
-    return torch.stack(dice, dim=-1).mean(-1)
+        dice.append((2 * inter + eps) / (sums[i] + sums[j] + eps))
+    soft = torch.stack(dice, dim=-1).mean(-1)
+    nothing = ~(flat >= THRESHOLD).any(-1).any(0)
+    return torch.where(nothing, torch.ones_like(soft), soft)
 
 
 def view_inconsistency(prob: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One reliability score per image from the consensus outputs, shared by evaluation and the service.
 
 Three signals, each in [0, 1], that should all be high when a segmentation is right:
-- agreement: mean pairwise Dice of the three views' masks (a model that is unsure flips its answer),
+- agreement: mean pairwise soft Dice of the three views (a model that is unsure hesitates or flips),
 - consistency: mean view weight exp(-5u) (each view's mask matches its own predicted geometry); for
   an empty result, where u's centroid term is undefined, how firmly the GEO heads predict no area,
 - geometry: predicted vs measured area and centroid of the final mask agree.

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.registry import DEFAULT_VARIANT
+
 ENV_PREFIX = "C2P_"
 NESTED_DELIMITER = "__"
 
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=1, le=65535)
     redis_url: str | None = None
     # A variant name (its shipped weights), a checkpoint (NAME.safetensors + NAME.json) or an export folder.
-    model: str = "c2p-femto-256"
+    model: str = DEFAULT_VARIANT
     # Where exports of models given by name or checkpoint are cached, one folder per weights digest.
     artifacts_dir: Path = Path.home() / ".cache" / "c2p-serve" / "artifacts"
     engine: EngineSettings = EngineSettings()

@@ -3,12 +3,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from models.registry import DEFAULT_VARIANT
 from service.config import load_settings, unknown_variables
 
 
 def test_defaults_are_the_embedded_mode() -> None:
     settings = load_settings({})
-    assert settings.model == "c2p-femto-256"
+    assert settings.model == DEFAULT_VARIANT
     assert (settings.host, settings.port, settings.grpc_port) == ("127.0.0.1", 8000, 8001)
     assert settings.engine.kind == "onnx" and settings.engine.device == "auto"
 
