@@ -81,8 +81,8 @@ def load_template() -> Template:
     """Reads nilearn's packaged templates (no network); imported here because nilearn takes seconds to import."""
     from nilearn.datasets import load_mni152_template, load_mni152_wm_template
 
-    t1 = np.asarray(load_mni152_template(resolution=1).dataobj, dtype=np.float32)
-    wm = np.asarray(load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
+    t1 = np.array(load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    wm = np.array(load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
     template = Template(t1=t1, wm=wm, brain=t1 > BRAIN_THRESHOLD)
     for array in (template.t1, template.wm, template.brain):
         array.flags.writeable = False  # cached and shared: nobody may change it

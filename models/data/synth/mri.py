@@ -50,7 +50,8 @@ def load_anatomy() -> np.ndarray:
             load_mni152_gm_template(resolution=1),
             load_mni152_wm_template(resolution=1),
         ]
-        t1, brain, gm, wm = (np.asarray(v.get_fdata(dtype=np.float32), dtype=np.float32) for v in vols)
+        # Copies: nilearn caches the loaded images, and their arrays may be read-only (shared cache).
+        t1, brain, gm, wm = (np.array(v.get_fdata(dtype=np.float32), dtype=np.float32) for v in vols)
     t1 /= max(float(t1.max()), 1e-6)
     out = np.stack([t1, brain, wm - gm])
     out.setflags(write=False)
