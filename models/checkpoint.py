@@ -6,7 +6,6 @@ state dict is loaded strictly on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.files import sha256_file
 from models.registry import VARIANTS, C2PConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

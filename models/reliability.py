@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.geometry import ATTRIBUTE_SLICES
+from models.attributes import ATTRIBUTE_SLICES
 
 WEIGHTS = {"agreement": 0.5, "consistency": 0.3, "geometry": 0.2}
 LEVELS = ((0.8, "high"), (0.5, "medium"), (0.0, "low"))

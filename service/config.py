@@ -33,6 +33,49 @@ class EngineSettings(BaseModel):
     warmup: bool = True
 
 
+MIB = 1024 * 1024
+
+
+class LimitSettings(BaseModel):
+    """Checked against headers before a single pixel is decoded, so no upload can exhaust memory."""
+
+    max_upload_bytes: int = Field(1024 * MIB, ge=1)  # one request, all files together
+    max_files: int = Field(2000, ge=1)  # files in one series (multipart parts or zip members)
+    max_pixels_per_slice: int = Field(8192 * 8192, ge=1)  # rows x columns
+    max_slices: int = Field(4096, ge=1)  # frames x files, or NIfTI z
+    max_voxels: int = Field(600_000_000, ge=1)  # the decoded volume, all slices
+    max_expansion_ratio: int = Field(200, ge=1)  # gzip / deflate / zip: decoded bytes per stored byte
+
+
+class QueueSettings(BaseModel):
+    """Redis Streams names and the job lifecycle's clocks."""
+
+    prefix: str = Field("c2p", pattern=r"^[A-Za-z0-9_.:-]+$")
+    max_pending: int = Field(1000, ge=1)  # queued + running jobs; above it new jobs get 429
+    retry_after_s: int = Field(5, ge=1)
+    payload_ttl_s: int = Field(3600, ge=10)
+    result_ttl_s: int = Field(3600, ge=10)
+    # A job whose stream entry is idle this long is presumed lost with its worker and reclaimed.
+    job_deadline_s: float = Field(300.0, gt=0)
+    max_deliveries: int = Field(3, ge=1)  # then the job fails and goes to the dead-letter stream
+    max_wait_s: float = Field(300.0, ge=0)  # the longest ?wait= a synchronous request may ask for
+
+
+class WorkerSettings(BaseModel):
+    concurrency: int = Field(8, ge=1, le=1024)  # jobs in flight per worker (their slices share batches)
+    decode_threads: int = Field(2, ge=1, le=64)
+    max_queue_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    janitor_interval_s: float = Field(15.0, gt=0)
+    heartbeat_s: float = Field(5.0, gt=0)
+    # SIGTERM: stop taking jobs, finish those in flight for this long, then hand the rest back.
+    drain_timeout_s: float = Field(30.0, ge=0)
+    # Threshold on the fused probability; the mask is what a caller gets, the probability is not sent.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    # Volume consistency: a slice whose area jumps this many MADs from its neighbours' is an outlier.
+    outlier_mads: float = Field(6.0, gt=0)
+    suppress_outliers: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
 
@@ -45,6 +88,9 @@ class Settings(BaseSettings):
     # Where exports of models given by name or checkpoint are cached, one folder per weights digest.
     artifacts_dir: Path = Path.home() / ".cache" / "c2p-serve" / "artifacts"
     engine: EngineSettings = EngineSettings()
+    limits: LimitSettings = LimitSettings()
+    queue: QueueSettings = QueueSettings()
+    worker: WorkerSettings = WorkerSettings()
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -46,4 +46,108 @@ class InvalidTensor(ServiceError):
     grpc_status = "INVALID_ARGUMENT"
 
 
-ERRORS: tuple[type[ServiceError], ...] = (ServiceError, ArtifactNotFound, ArtifactInvalid, InvalidTensor)
+class InvalidRequest(ServiceError):
+    """The request itself is malformed: no file, an unknown parameter value, a bad job id."""
+
+    code = "invalid_request"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(ServiceError):
+    """The upload's bytes exceed the limit (checked while reading, before anything is stored)."""
+
+    code = "payload_too_large"
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class ImageTooLarge(ServiceError):
+    """The headers declare more pixels, slices, files or voxels than the limits allow."""
+
+    code = "image_too_large"
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class UnsupportedFormat(ServiceError):
+    """Not DICOM, NIfTI, PNG, JPEG or a zip of DICOM files."""
+
+    code = "unsupported_format"
+    http_status = 415
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class InvalidImage(ServiceError):
+    """A recognised format whose content is broken or cannot be segmented (truncated, bad header,
+    no pixel data, a transfer syntax no installed decoder handles, mixed series)."""
+
+    code = "invalid_image"
+    http_status = 422
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class UnsupportedTransferSyntax(InvalidImage):
+    code = "unsupported_transfer_syntax"
+
+
+class JobNotFound(ServiceError):
+    """Unknown, expired or deleted job (the same answer for all three: ids reveal nothing)."""
+
+    code = "job_not_found"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class QueueFull(ServiceError):
+    """Back-pressure: the queue holds its maximum of pending jobs; retry after a few seconds."""
+
+    code = "queue_full"
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(ServiceError):
+    """Redis does not answer or no worker is ready: a transient state, not the caller's fault."""
+
+    code = "unavailable"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class DeliveryLimit(ServiceError):
+    """The job was delivered ``max_deliveries`` times and never finished: something in this input kills
+    or hangs workers. Answered as unprocessable input (the other jobs went through), and kept in the
+    dead-letter stream for an operator."""
+
+    code = "delivery_limit"
+    http_status = 422
+    grpc_status = "ABORTED"
+
+
+ERRORS: tuple[type[ServiceError], ...] = (
+    ServiceError,
+    ArtifactNotFound,
+    ArtifactInvalid,
+    InvalidTensor,
+    InvalidRequest,
+    PayloadTooLarge,
+    ImageTooLarge,
+    UnsupportedFormat,
+    InvalidImage,
+    UnsupportedTransferSyntax,
+    JobNotFound,
+    QueueFull,
+    Unavailable,
+    DeliveryLimit,
+)
+BY_CODE: dict[str, type[ServiceError]] = {cls.code: cls for cls in ERRORS}
+
+
+def from_code(code: str, message: str) -> ServiceError:
+    """Rebuild an error stored with a job (a worker's failure read back by the gateway)."""
+    return BY_CODE.get(code, ServiceError)(message)

@@ -11,17 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import resolve, sha256_file
+from models.checkpoint import resolve
 from models.consensus import OUTPUT_NAMES
-from models.export.card import ONNX_METADATA_KEY, TORCHSCRIPT_CARD_FILE, build_card
+from models.export.card import build_card
 from models.export.wrapper import INPUT_NAME, ServingGraph
+from models.files import CARD_FILE, ONNX_FILE, ONNX_METADATA_KEY, TORCHSCRIPT_CARD_FILE, TORCHSCRIPT_FILE, sha256_file
 from models.registry import build_c2p
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.ts"
-CARD_FILE = "card.json"
 OPSET = 20
 # Parity with eager PyTorch that an export must show on its probe batch before it is written out.
 PARITY_ATOL = 1e-4

@@ -17,8 +17,6 @@ from models.geometry import GEOMETRY_FIELDS
 from models.registry import C2PConfig
 
 CARD_SCHEMA = 1
-ONNX_METADATA_KEY = "c2p.card"
-TORCHSCRIPT_CARD_FILE = "card.json"
 
 
 def output_specs(size: int) -> list[dict[str, Any]]:

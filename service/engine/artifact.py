@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import sha256_file
-from models.export import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE
+from models.files import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE, sha256_file
 from service.errors import ArtifactInvalid, ArtifactNotFound
 
 FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}

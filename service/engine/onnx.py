@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from models.export.card import ONNX_METADATA_KEY
+from models.files import ONNX_METADATA_KEY
 from service.config import EngineSettings
 from service.engine.artifact import Artifact, check_embedded
 from service.engine.base import check_batch

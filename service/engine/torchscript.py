@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from models.export.card import TORCHSCRIPT_CARD_FILE
+from models.files import TORCHSCRIPT_CARD_FILE
 from service.config import EngineSettings
 from service.engine.artifact import Artifact, check_embedded
 from service.engine.base import check_batch

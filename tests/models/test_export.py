@@ -14,7 +14,7 @@ import torch
 from models.checkpoint import save_checkpoint
 from models.consensus import OUTPUT_NAMES
 from models.export import ONNX_FILE, TORCHSCRIPT_FILE, ServingGraph, export_model, probe_batch
-from models.export.card import ONNX_METADATA_KEY, TORCHSCRIPT_CARD_FILE
+from models.files import ONNX_METADATA_KEY, TORCHSCRIPT_CARD_FILE
 from models.geometry import measure
 from models.registry import build_c2p, get_config
 from tests.conftest import seeded_network

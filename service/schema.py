@@ -1,0 +1,122 @@
+"""The result schema: pydantic models shared by REST, gRPC, the worker and ``c2p segment``.
+
+Versioned (``schema_version``) because PACS bridges parse it for years. Nothing here may carry a
+patient identifier: the input is described by geometry and modality only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+Level = Literal["high", "medium", "low"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ErrorInfo(_Model):
+    code: str
+    message: str
+
+
+class ModelInfo(_Model):
+    name: str = Field(description="variant, e.g. c2p-femto-192")
+    version: str = Field(description="weights digest prefix: changes whenever the weights change")
+    digest: str = Field(description="sha256 of the served artifact file")
+    engine: str = Field(description="onnx or torchscript")
+
+
+class Preprocessing(_Model):
+    method: Literal["ct-window", "percentile", "window", "rgb", "minmax"]
+    window: tuple[float, float] | None = Field(None, description="(center, width) in stored units after rescale")
+    percentiles: tuple[float, float] | None = None
+    input_size: int = Field(description="side of the square the network saw; masks are resized back")
+
+
+class InputInfo(_Model):
+    format: Literal["dicom", "nifti", "png", "jpeg"]
+    modality: str | None = Field(None, description="DICOM Modality (CT, MR, US, ...) or the caller's hint")
+    shape: tuple[int, int, int] = Field(description="(z, y, x): slices, rows, columns")
+    channels: int = Field(1, description="1 for grey, 3 for RGB (colour ultrasound, endoscopy, photos)")
+    spacing: tuple[float, float, float] | None = Field(None, description="(z, y, x) in mm when known")
+    orientation: str | None = Field(
+        None,
+        description="where the column, row and slice axes point: axis codes in the input's own world frame,"
+        " e.g. LPS for an axial DICOM series, PSR-like codes for a sagittal one, RAS for a standard NIfTI",
+    )
+    affine: list[list[float]] | None = Field(None, description="4x4 voxel-to-world matrix when known")
+    preprocessing: Preprocessing
+
+
+class SliceMask(_Model):
+    index: int
+    counts: str = Field(description="COCO compressed RLE counts (column-major), as pycocotools reads")
+    area: int = Field(description="foreground pixels")
+
+
+class Mask(_Model):
+    encoding: Literal["coco-rle"] = "coco-rle"
+    size: tuple[int, int] = Field(description="(height, width) of every slice")
+    slices: list[SliceMask]
+
+
+class Geometry(_Model):
+    """The 14 normalised geometry values (see models/geometry.py), by name."""
+
+    values: dict[str, float]
+
+
+class SliceReliability(_Model):
+    index: int
+    score: float = Field(ge=0, le=1)
+    level: Level
+    suppressed: bool = Field(description="the empty gate or the volume check removed this slice's mask")
+    outlier: bool = Field(False, description="geometry out of line with the neighbouring slices")
+    agreement: float
+    consistency: float
+    geometry_agreement: float
+    view_weights: tuple[float, float, float]
+    view_inconsistency: tuple[float, float, float]
+    geometry_predicted: dict[str, float]
+    geometry_measured: dict[str, float | None]
+
+
+class Reliability(_Model):
+    score: float = Field(ge=0, le=1, description="area-weighted mean of the slices' scores (plain mean if empty)")
+    level: Level
+    suppressed: bool = Field(description="the whole result is empty because every slice was gated")
+    outlier_slices: list[int] = Field(default_factory=list)
+    slices: list[SliceReliability]
+
+
+class Timings(_Model):
+    queue_ms: float = 0.0
+    decode_ms: float = 0.0
+    inference_ms: float = 0.0
+    encode_ms: float = 0.0
+
+
+class SegmentationResult(_Model):
+    schema_version: str = SCHEMA_VERSION
+    model: ModelInfo
+    input: InputInfo
+    mask: Mask
+    reliability: Reliability
+    timings: Timings
+
+
+class Job(_Model):
+    id: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    deliveries: int = 0
+    error: ErrorInfo | None = None
+    result: SegmentationResult | None = None
