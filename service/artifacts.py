@@ -12,17 +12,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from models.checkpoint import resolve, sha256_file
-from models.export import CARD_FILE, export_model
-
 log = logging.getLogger(__name__)
 
 
 def ensure_artifact(model: str, cache_dir: Path) -> Path:
-    """An export folder for ``model``, exporting into ``cache_dir`` once if needed."""
+    """An export folder for ``model``, exporting into ``cache_dir`` once if needed.
+
+    torch is imported only when an export is needed: a worker given an export folder runs without it.
+    """
+    from models.files import CARD_FILE
+
     given = Path(model)
     if (given / CARD_FILE).is_file():
         return given
+    from models.checkpoint import resolve
+    from models.export import export_model
+    from models.files import sha256_file
+
     config, weights, _ = resolve(model)
     tag = sha256_file(weights)[:16] if weights is not None else "random-init"
     target = cache_dir / f"{config.name}-{tag}"

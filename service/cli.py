@@ -13,12 +13,16 @@ log = logging.getLogger("c2p")
 
 # Exporters log every rewrite at INFO; an operator needs none of it.
 QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export")
+# pydicom logs header values it finds odd (names, dates): patient data must never reach the logs.
+SILENT_LOGGERS = ("pydicom",)
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -40,33 +44,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from service.artifacts import ensure_artifact
+def _service_settings(args: argparse.Namespace):
     from service.config import load_settings
-    from service.engine import load_engine, warm_up
 
-    settings = load_settings(
-        host=args.host, port=args.port, grpc_port=args.grpc_port, redis_url=args.redis_url, model=args.model
+    return load_settings(
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        grpc_port=getattr(args, "grpc_port", None),
+        redis_url=getattr(args, "redis_url", None),
+        model=getattr(args, "model", None),
     )
-    directory = ensure_artifact(settings.model, settings.artifacts_dir)
-    engine = load_engine(directory, settings.engine)
-    timings = warm_up(engine, (1, settings.engine.max_batch_size)) if settings.engine.warmup else {}
-    card = engine.artifact.card
-    print(
-        json.dumps(
-            {
-                "model": card["variant"],
-                "digest": engine.artifact.digest,
-                "engine": settings.engine.kind,
-                "device": engine.device,
-                "weights": card["weights"].get("source"),
-                "warmup_seconds": {str(k): round(v, 3) for k, v in timings.items()},
-            },
-            indent=2,
-        )
-    )
-    log.warning("the engine is loaded and warm; the HTTP/gRPC gateway arrives with the serving core (issue 4)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.runner import serve
+
+    serve(_service_settings(args))
     return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from service.runner import serve
+
+    settings = _service_settings(args)
+    if settings.redis_url is None:
+        raise ValueError("c2p gateway needs a shared Redis: set C2P_REDIS_URL or --redis-url")
+    serve(settings, worker=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.runner import serve
+
+    settings = _service_settings(args)
+    if settings.redis_url is None:
+        raise ValueError("c2p worker needs a shared Redis: set C2P_REDIS_URL or --redis-url")
+    serve(settings, gateway=False)
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from service.runner import load_warm_engine
+    from service.segment import parse_formats, segment
+
+    settings = _service_settings(args)
+    formats = parse_formats(args.format)
+    engine = load_warm_engine(settings)
+    summary, failures = segment(
+        engine, settings, args.inputs, args.out, formats, modality=args.modality, progress=not args.quiet
+    )
+    print(json.dumps(summary, indent=2))
+    return 1 if failures else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -124,13 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the service (embedded defaults: bundled model, CPU)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--grpc-port", type=int)
-    serve.add_argument("--redis-url")
-    serve.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
+    def service_flags(command: argparse.ArgumentParser, http: bool = True) -> None:
+        if http:
+            command.add_argument("--host", help="bind address (default 127.0.0.1)")
+            command.add_argument("--port", type=int, help="REST port (default 8000)")
+            command.add_argument("--grpc-port", type=int)
+        command.add_argument("--redis-url", help="shared Redis (default for serve: a private redis-server)")
+        command.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
+
+    serve = commands.add_parser("serve", help="run gateway + worker (+ a private Redis): the embedded service")
+    service_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    gateway = commands.add_parser("gateway", help="run only the HTTP gateway against a shared Redis")
+    service_flags(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+    worker = commands.add_parser("worker", help="run only a worker against a shared Redis")
+    service_flags(worker, http=False)
+    worker.set_defaults(func=cmd_worker)
+    seg = commands.add_parser("segment", help="segment local files with the service's pipeline (no server)")
+    seg.add_argument("inputs", nargs="+", type=Path, help="files, or folders each holding one DICOM series")
+    seg.add_argument("--out", type=Path, required=True, help="output folder: <input name>.json and more")
+    seg.add_argument("--format", default="json", help="comma-separated: json,nifti,png (default json)")
+    seg.add_argument("--modality", help="hint for NIfTI/PNG/JPEG inputs, e.g. CT, MR, US")
+    seg.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=cmd_segment)
 
     export = commands.add_parser("export", help="write model.onnx, model.ts and card.json for a model")
     export.add_argument("--model", required=True, help="variant name (e.g. c2p-femto-256) or checkpoint path")

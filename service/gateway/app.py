@@ -1,0 +1,235 @@
+"""The REST gateway: uploads in, jobs out. It parses headers, never pixels.
+
+Bad input is refused here, at once, with a 4xx from the shared error table, before anything reaches
+the queue; pixels are decoded by workers, so a gateway stays small and fast whatever the upload.
+Liveness depends on nothing; readiness needs Redis and at least one warm worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import presence
+from service.config import Settings
+from service.errors import InvalidRequest, ServiceError, Unavailable, from_code
+from service.gateway.uploads import BodyLimit, read_files
+from service.inputs import probe
+from service.metrics import Metrics
+from service.queue import JobQueue
+from service.schema import ErrorInfo, Job
+
+log = logging.getLogger(__name__)
+
+API = "rest"
+MODALITIES = ("CT", "MR", "US", "XR", "DX", "CR", "MG", "OCT", "OP", "ES", "SM", "XC", "RGB")
+STATS_INTERVAL_S = 5.0
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorInfo, "description": description}
+    for status, description in (
+        (400, "malformed request"),
+        (404, "unknown, expired or deleted job"),
+        (413, "upload or declared image over the limits"),
+        (415, "not DICOM, NIfTI, PNG, JPEG or a zip of DICOM"),
+        (422, "broken or unsupported image, or a job that failed on it"),
+        (429, "queue full: retry after the Retry-After header's seconds"),
+        (503, "Redis or workers unavailable"),
+    )
+}
+
+
+def error_response(err: ServiceError, job_id: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = err.body()
+    if job_id is not None:
+        body["job_id"] = job_id
+    headers = {}
+    retry_after = getattr(err, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(body, status_code=err.http_status, headers=headers)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None, client: aioredis.Redis | None = None) -> FastAPI:
+    """The ASGI app. ``client`` lets tests and the embedded mode share a connection pool."""
+    metrics = metrics or Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = client is None
+        redis_client = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        app.state.redis = redis_client
+        app.state.queue = JobQueue(redis_client, settings.queue)
+        stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics))
+        try:
+            yield
+        finally:
+            stats.cancel()
+            await asyncio.gather(stats, return_exceptions=True)
+            if own:
+                await redis_client.aclose()
+
+    app = FastAPI(
+        title="c2p-serve",
+        version="1",
+        summary="Prompt-free universal medical image segmentation (C2P): masks with reliability.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_upload_bytes)
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, err: ServiceError) -> JSONResponse:
+        metrics.request_failure.labels(API, err.code).inc()
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
+        return await service_error(request, InvalidRequest(problems or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            return JSONResponse({"code": "not_found", "message": "no such route"}, status_code=404)
+        if err.status_code == 405:
+            return JSONResponse({"code": "method_not_allowed", "message": str(err.detail)}, status_code=405)
+        return await service_error(request, InvalidRequest(str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics.request_failure.labels(API, "internal").inc()
+        return JSONResponse({"code": "internal", "message": "internal error"}, status_code=500)
+
+    def queue_of(request: Request) -> JobQueue:
+        return request.app.state.queue
+
+    @app.post(
+        "/v1/segmentations",
+        status_code=202,
+        response_model=Job,
+        responses={200: {"model": Job, "description": "finished within ?wait"}, **ERROR_RESPONSES},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {
+                                "file": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                    "description": "DICOM file(s) of one series, a zip of them, NIfTI, PNG or JPEG",
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def submit(
+        request: Request,
+        response: Response,
+        wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result")] = None,
+        modality: Annotated[str | None, Query(description="modality hint for NIfTI/PNG/JPEG, e.g. CT, MR, US")] = None,
+    ) -> Any:
+        if wait is not None and wait > settings.queue.max_wait_s:
+            raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
+        hint = _modality(modality)
+        files = await read_files(request, settings.limits)
+        header = await run_in_threadpool(probe, files, settings.limits, hint)
+        meta = {
+            "format": header.format,
+            "modality": header.modality,
+            "shape": list(header.shape),
+            "files": header.files,
+            "modality_hint": hint,
+            "submitted_at": datetime.now(UTC).isoformat(),
+        }
+        queue = queue_of(request)
+        job = await queue.submit(files, meta)
+        del files
+        location = f"/v1/segmentations/{job.id}"
+        if wait:
+            job = await queue.wait(job.id, wait)
+        if job.status == "failed" and job.error is not None:
+            metrics.request_failure.labels(API, job.error.code).inc()
+            return error_response(from_code(job.error.code, job.error.message), job.id)
+        metrics.request_success.labels(API).inc()
+        if job.status == "succeeded":
+            response.status_code = 200
+        response.headers["Location"] = location
+        return job
+
+    @app.get("/v1/segmentations/{job_id}", response_model=Job, responses=ERROR_RESPONSES)
+    async def get_job(request: Request, job_id: str) -> Job:
+        return await queue_of(request).get(job_id)
+
+    @app.delete("/v1/segmentations/{job_id}", status_code=204, responses=ERROR_RESPONSES)
+    async def delete_job(request: Request, job_id: str) -> Response:
+        await queue_of(request).delete(job_id)
+        return Response(status_code=204)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", responses={503: {"model": ErrorInfo}})
+    async def ready(request: Request) -> Any:
+        queue = queue_of(request)
+        if not await queue.ping():
+            return error_response(Unavailable("redis is not answering"))
+        try:
+            workers = await presence.ready_workers(request.app.state.redis, settings.queue.prefix)
+        except (RedisError, OSError):
+            return error_response(Unavailable("redis is not answering"))
+        if not workers:
+            return error_response(Unavailable("no worker has warmed up a model yet"))
+        return {"ready": True, "workers": len(workers), "models": sorted({w.get("model", "") for w in workers})}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _modality(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    upper = value.upper()
+    if upper not in MODALITIES:
+        raise InvalidRequest(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}")
+    return upper
+
+
+async def _refresh_stats(queue: JobQueue, metrics: Metrics) -> None:
+    """Stream gauges for /metrics and autoscalers, refreshed in the background (never per scrape)."""
+    while True:
+        try:
+            stats = await queue.stats()
+            metrics.stream_length.set(stats.length)
+            metrics.stream_pending.set(stats.pending)
+            if stats.lag is not None:
+                metrics.stream_lag.set(stats.lag)
+            metrics.dead_letters.set(stats.dead_letters)
+        except (ServiceError, RedisError, OSError):
+            pass
+        await asyncio.sleep(STATS_INTERVAL_S)

@@ -1,0 +1,171 @@
+"""One pipeline: decode -> preprocess -> batcher -> engine -> postprocess -> encode.
+
+The worker runs it for queued jobs and ``c2p segment`` runs it for local files, so a result never
+depends on how the image arrived. CPU-bound stages (decoding, resizing, RLE) run in a thread pool so
+the event loop keeps feeding the batcher; slices of every job in flight share the engine's batches.
+A volume is fed in windows of a few batches, so a 300-slice CT never holds all its network inputs at
+once, and only the small network-resolution probability of each slice is kept until the volume check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service import preprocess
+from service.batcher import DynamicBatcher
+from service.codecs import rle
+from service.config import Settings
+from service.engine import Engine
+from service.inputs import Upload, Volume, decode
+from service.report import SliceOutputs, build_reliability, mask_on_grid, volume_outliers
+from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
+
+Progress = Callable[[int, int], None]  # (slices done, slices in all)
+
+
+@dataclass
+class Segmentation:
+    """A result plus what the file writers need beyond the JSON (the masks as arrays, the volume's grid)."""
+
+    result: SegmentationResult
+    volume: Volume
+    masks: np.ndarray | None = None  # uint8 [Z, Y, X], kept only when asked (local command, NIfTI/PNG output)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_info(engine: Engine, kind: str) -> ModelInfo:
+    card = engine.artifact.card
+    weights = card.get("weights", {})
+    return ModelInfo(
+        name=card["variant"],
+        version=str(weights.get("sha256", engine.artifact.digest))[:12],
+        digest=engine.artifact.digest,
+        engine=kind,
+    )
+
+
+class Pipeline:
+    def __init__(self, engine: Engine, settings: Settings, executor: Executor, batcher: DynamicBatcher) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.executor = executor
+        self.batcher = batcher
+        self.model = model_info(engine, settings.engine.kind)
+        self.size = engine.artifact.input_size
+        self.mean = engine.artifact.card["input"]["mean"]
+        self.std = engine.artifact.card["input"]["std"]
+        # Enough slices in flight to fill a few batches; more would only hold memory.
+        self.window = max(4, 4 * settings.engine.max_batch_size)
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run(
+        self,
+        files: Sequence[Upload],
+        modality_hint: str | None = None,
+        *,
+        queued_ms: float = 0.0,
+        keep_masks: bool = False,
+        progress: Progress | None = None,
+    ) -> Segmentation:
+        start = time.perf_counter()
+        volume = await self._in_thread(decode, files, self.settings.limits, modality_hint)
+        plan = await self._in_thread(preprocess.plan, volume, self.size)
+        decoded = time.perf_counter()
+
+        outputs = await self._infer(volume, plan, progress)
+        inferred = time.perf_counter()
+
+        z, height, width = volume.pixels.shape[:3]
+        outliers = volume_outliers(outputs, self.settings.worker.outlier_mads)
+        threshold = self.settings.worker.threshold
+        suppress = self.settings.worker.suppress_outliers
+
+        def encode_all() -> tuple[list[SliceMask], np.ndarray | None]:
+            masks = np.zeros((z, height, width), dtype=np.uint8) if keep_masks else None
+            encoded = []
+            for index, out in enumerate(outputs):
+                mask = mask_on_grid(out.prob, height, width, threshold)
+                if outliers[index] and suppress:
+                    mask[:] = 0
+                if masks is not None:
+                    masks[index] = mask
+                coded = rle.encode(mask)
+                encoded.append(SliceMask(index=index, counts=coded["counts"], area=int(mask.sum())))
+            return encoded, masks
+
+        encoded, masks = await self._in_thread(encode_all)
+        report = build_reliability(outputs, [s.area for s in encoded], outliers, suppress)
+        done = time.perf_counter()
+
+        result = SegmentationResult(
+            model=self.model,
+            input=InputInfo(
+                format=volume.format,
+                modality=volume.modality,
+                shape=(z, height, width),
+                channels=3 if volume.pixels.ndim == 4 else 1,
+                spacing=volume.spacing,
+                orientation=volume.orientation,
+                affine=None if volume.affine is None else np.asarray(volume.affine, dtype=float).round(6).tolist(),
+                preprocessing=plan,
+            ),
+            mask=Mask(size=(height, width), slices=encoded),
+            reliability=report,
+            timings=Timings(
+                queue_ms=round(queued_ms, 2),
+                decode_ms=round((decoded - start) * 1000, 2),
+                inference_ms=round((inferred - decoded) * 1000, 2),
+                encode_ms=round((done - inferred) * 1000, 2),
+            ),
+        )
+        return Segmentation(result=result, volume=volume, masks=masks)
+
+    async def _infer(self, volume: Volume, plan: Any, progress: Progress | None) -> list[SliceOutputs]:
+        """Feed slices to the batcher, at most ``window`` in flight, preparing the next ones meanwhile."""
+        total = volume.pixels.shape[0]
+        results: list[SliceOutputs | None] = [None] * total
+        iterator = preprocess.slices(volume, plan, self.mean, self.std)
+        in_flight: set[asyncio.Task] = set()
+        done_count = 0
+
+        async def one(index: int, image: np.ndarray) -> None:
+            results[index] = SliceOutputs.from_engine(await self.batcher.submit(image))
+
+        def next_image() -> np.ndarray | None:
+            return next(iterator, None)
+
+        try:
+            for index in range(total):
+                image = await self._in_thread(next_image)
+                if image is None:
+                    raise RuntimeError(f"preprocessing yielded {index} slices, the volume has {total}")
+                in_flight.add(asyncio.create_task(one(index, image)))
+                while len(in_flight) >= self.window:
+                    finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    done_count += _collect(finished)
+                    if progress:
+                        progress(done_count, total)
+            while in_flight:
+                finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                done_count += _collect(finished)
+                if progress:
+                    progress(done_count, total)
+        finally:
+            for task in in_flight:
+                task.cancel()
+        return [r for r in results if r is not None]
+
+
+def _collect(finished: set[asyncio.Task]) -> int:
+    for task in finished:
+        task.result()  # re-raise the engine's error for this job
+    return len(finished)

@@ -1,0 +1,154 @@
+"""From the engine's per-slice outputs to what a caller gets: masks, reliability, volume consistency.
+
+Pure functions on numpy arrays, shared by the worker and ``c2p segment``. The graph already fused the
+three views and applied the empty gate; here the fused probability goes back to the input's grid, the
+consensus outputs become a readable report, and a volume's slices are checked against each other: a
+slice whose mask area or position jumps away from its neighbours is more likely a failure than anatomy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from models.attributes import ATTRIBUTE_SLICES, GEOMETRY_FIELDS
+from models.reliability import level, reliability
+from service.schema import Reliability, SliceReliability
+
+AREA = ATTRIBUTE_SLICES["area"].start
+CENTROID = ATTRIBUTE_SLICES["centroid"]
+# Changes smaller than this (fraction of the slice) are never outliers: noise around tiny masks.
+MIN_AREA_JUMP = 0.005
+MIN_CENTROID_JUMP = 0.05
+NEIGHBOURS = 2
+
+
+@dataclass(frozen=True)
+class SliceOutputs:
+    """The engine's outputs for one slice, batch axis removed (see models/consensus.py)."""
+
+    prob: np.ndarray  # [S, S] fused foreground probability, already gated
+    view_weights: np.ndarray  # [3]
+    view_inconsistency: np.ndarray  # [3]
+    geometry_pred: np.ndarray  # [14]
+    geometry_mask: np.ndarray  # [14]
+    geometry_valid: np.ndarray  # [14] bool
+    view_agreement: float
+    empty_gate: float
+
+    @classmethod
+    def from_engine(cls, outputs: dict[str, np.ndarray]) -> SliceOutputs:
+        return cls(
+            prob=np.asarray(outputs["prob"], dtype=np.float32).reshape(outputs["prob"].shape[-2:]),
+            view_weights=np.asarray(outputs["view_weights"], dtype=np.float32),
+            view_inconsistency=np.asarray(outputs["view_inconsistency"], dtype=np.float32),
+            geometry_pred=np.asarray(outputs["geometry_pred"], dtype=np.float32),
+            geometry_mask=np.asarray(outputs["geometry_mask"], dtype=np.float32),
+            geometry_valid=np.asarray(outputs["geometry_valid"]).astype(bool),
+            view_agreement=float(outputs["view_agreement"]),
+            empty_gate=float(outputs["empty_gate"]),
+        )
+
+
+def mask_on_grid(prob: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """Fused probability [S, S] -> uint8 mask [height, width] on the input's grid.
+
+    The probability is resized (bilinear), then thresholded: resizing a thresholded mask instead would
+    give staircase edges at every upscale.
+    """
+    if prob.shape != (height, width):
+        prob = np.asarray(Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+    return (prob >= threshold).astype(np.uint8)
+
+
+def _robust_outliers(values: np.ndarray, mads: float, floor: float) -> np.ndarray:
+    """Flag values far from the median of their neighbours (±NEIGHBOURS slices, itself excluded)."""
+    n = len(values)
+    residual = np.zeros(n, dtype=np.float64)
+    for z in range(n):
+        around = np.r_[values[max(0, z - NEIGHBOURS) : z], values[z + 1 : z + 1 + NEIGHBOURS]]
+        residual[z] = abs(values[z] - np.median(around))
+    scale = 1.4826 * np.median(residual)
+    return (residual > mads * scale) & (residual > floor)
+
+
+def volume_outliers(outputs: Sequence[SliceOutputs], mads: float) -> np.ndarray:
+    """[Z] bool: slices whose measured area or centroid is out of line with their neighbours.
+
+    Robust statistics (median of neighbours, MAD over the volume), so one failed slice cannot hide
+    itself by moving the reference, and absolute floors, so a stack of tiny noisy masks is not
+    "inconsistent" at every slice. Volumes of fewer than 3 slices have no neighbours to compare with.
+    """
+    n = len(outputs)
+    if n < 3:
+        return np.zeros(n, dtype=bool)
+    area = np.array([o.geometry_mask[AREA] for o in outputs], dtype=np.float64)
+    flagged = _robust_outliers(area, mads, MIN_AREA_JUMP)
+    present = area > 0
+    if present.sum() >= 3:
+        centroids = np.array([o.geometry_mask[CENTROID] for o in outputs], dtype=np.float64)
+        idx = np.flatnonzero(present)
+        jump = np.zeros(n, dtype=bool)
+        for axis in range(2):
+            jump[idx] |= _robust_outliers(centroids[idx, axis], mads, MIN_CENTROID_JUMP)
+        flagged |= jump
+    return flagged
+
+
+def _named(values: np.ndarray, valid: np.ndarray | None = None) -> dict[str, float | None]:
+    return {
+        name: (None if valid is not None and not valid[i] else round(float(values[i]), 5))
+        for i, name in enumerate(GEOMETRY_FIELDS)
+    }
+
+
+def build_reliability(
+    outputs: Sequence[SliceOutputs], areas: Sequence[int], outliers: np.ndarray, suppress_outliers: bool
+) -> Reliability:
+    """The report: per-slice scores and their parts, and one score for the result.
+
+    The result's score weighs each slice by its mask area, so a volume is judged by the slices that
+    carry the segmentation rather than by hundreds of confidently empty ones; an empty result falls back
+    to the plain mean (how sure the model is that there is nothing).
+    """
+    stacked = {
+        "view_agreement": np.array([o.view_agreement for o in outputs], dtype=np.float32),
+        "view_weights": np.stack([o.view_weights for o in outputs]),
+        "geometry_pred": np.stack([o.geometry_pred for o in outputs]),
+        "geometry_mask": np.stack([o.geometry_mask for o in outputs]),
+        "geometry_valid": np.stack([o.geometry_valid for o in outputs]),
+    }
+    parts = reliability(stacked)
+    slices = []
+    for z, o in enumerate(outputs):
+        score = float(np.clip(parts["score"][z], 0, 1))
+        outlier = bool(outliers[z])
+        slices.append(
+            SliceReliability(
+                index=z,
+                score=round(score, 5),
+                level=level(score),
+                suppressed=bool(o.empty_gate >= 0.5) or (outlier and suppress_outliers),
+                outlier=outlier,
+                agreement=round(float(parts["agreement"][z]), 5),
+                consistency=round(float(parts["consistency"][z]), 5),
+                geometry_agreement=round(float(parts["geometry"][z]), 5),
+                view_weights=tuple(round(float(v), 5) for v in o.view_weights),
+                view_inconsistency=tuple(round(float(v), 5) for v in o.view_inconsistency),
+                geometry_predicted=_named(o.geometry_pred),
+                geometry_measured=_named(o.geometry_mask, o.geometry_valid),
+            )
+        )
+    weights = np.asarray(areas, dtype=np.float64)
+    scores = np.array([s.score for s in slices], dtype=np.float64)
+    overall = float((scores * weights).sum() / weights.sum()) if weights.sum() > 0 else float(scores.mean())
+    return Reliability(
+        score=round(overall, 5),
+        level=level(overall),
+        suppressed=bool(all(s.suppressed for s in slices)),
+        outlier_slices=[int(z) for z in np.flatnonzero(outliers)],
+        slices=slices,
+    )

@@ -1,0 +1,110 @@
+"""Process wiring for ``c2p serve``, ``c2p gateway`` and ``c2p worker``: the only place with signals.
+
+The embedded mode runs the gateway and one worker in one event loop against a private Redis server,
+the same code Kubernetes runs as separate deployments. SIGTERM and SIGINT start one graceful
+shutdown for both: the gateway stops accepting and finishes its requests while the worker drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from service.artifacts import ensure_artifact
+from service.config import Settings
+from service.engine import Engine, load_engine, warm_up
+from service.metrics import Metrics
+from service.redis_server import redis_url_or_private
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runner owns the signals for every part."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _on_signals(callback: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback)
+
+
+def load_warm_engine(settings: Settings) -> Engine:
+    directory = ensure_artifact(settings.model, settings.artifacts_dir)
+    engine = load_engine(directory, settings.engine)
+    if settings.engine.warmup:
+        timings = warm_up(engine, (1, settings.engine.max_batch_size))
+        log.info("engine warm: %s", {k: round(v, 3) for k, v in timings.items()})
+    return engine
+
+
+def _client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, health_check_interval=30)
+
+
+def _http_server(settings: Settings, metrics: Metrics, client: aioredis.Redis) -> _Server:
+    from service.gateway.app import create_app
+
+    app = create_app(settings, metrics, client)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.worker.drain_timeout_s) or None,
+    )
+    return _Server(config)
+
+
+async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
+    from service.worker import Worker
+
+    metrics = Metrics()
+    url, private = redis_url_or_private(settings.redis_url)
+    client = _client(url)
+    tasks: list[asyncio.Task] = []
+    try:
+        server = _http_server(settings, metrics, client) if gateway else None
+        runner = None
+        if worker:
+            engine = await asyncio.to_thread(load_warm_engine, settings)
+            runner = Worker(settings, engine, client, metrics)
+
+        def stop() -> None:
+            log.info("shutting down")
+            if server is not None:
+                server.should_exit = True
+            if runner is not None:
+                runner.stop()
+
+        _on_signals(stop)
+        if runner is not None:
+            tasks.append(asyncio.create_task(runner.run(), name="worker"))
+        if server is not None:
+            tasks.append(asyncio.create_task(server.serve(), name="gateway"))
+            where = "private" if private else "shared"
+            log.info("gateway on http://%s:%d (redis: %s)", settings.host, settings.port, where)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop()  # one part ended (or failed): end the other too
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()
+    finally:
+        await client.aclose()
+        if private is not None:
+            private.stop()
+
+
+def serve(settings: Settings, *, gateway: bool = True, worker: bool = True) -> None:
+    asyncio.run(_serve(settings, gateway, worker))

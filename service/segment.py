@@ -1,0 +1,117 @@
+"""``c2p segment INPUT... --out DIR``: the service's pipeline on local files, no server, no Redis.
+
+Each input (a file, or a folder holding one DICOM series) gives ``DIR/<name>.json`` in the result
+schema, plus a NIfTI labelmap and/or a PNG overlay when asked. Same decoder, batcher, engine and
+report as the worker, so a local run and a served request give the same masks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service.batcher import DynamicBatcher
+from service.codecs import writers
+from service.config import Settings
+from service.engine import Engine
+from service.errors import InvalidRequest, ServiceError
+from service.inputs import Upload
+from service.pipeline import Pipeline
+
+FORMATS = ("json", "nifti", "png")
+SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".zip")
+
+
+def output_name(path: Path) -> str:
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def read_input(path: Path) -> list[Upload]:
+    """A file, or every file of a folder (a DICOM series, sorted by the decoder, not by name)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise InvalidRequest(f"{path} holds no files")
+        return [(p.name, p.read_bytes()) for p in files]
+    if not path.is_file():
+        raise InvalidRequest(f"{path} does not exist")
+    return [(path.name, path.read_bytes())]
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise InvalidRequest(f"unknown format(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}")
+    return formats if "json" in formats else ("json", *formats)
+
+
+async def _segment_all(
+    engine: Engine, settings: Settings, inputs: Sequence[Path], out: Path, formats: Sequence[str],
+    modality: str | None, progress: bool,
+) -> tuple[list[dict[str, object]], int]:  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    executor = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="c2p-decode")
+    batcher = DynamicBatcher(engine.run, settings.engine.max_batch_size, settings.worker.max_queue_delay_ms)
+    pipeline = Pipeline(engine, settings, executor, batcher)
+    keep = "nifti" in formats or "png" in formats
+    summary: list[dict[str, object]] = []
+    failures = 0
+    try:
+        for path in inputs:
+            name = output_name(path)
+            bar = tqdm(desc=name, unit="slice", disable=not progress, leave=False)
+
+            def advance(done: int, total: int, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            try:
+                files = read_input(path)
+                segmentation = await pipeline.run(files, modality, keep_masks=keep, progress=advance)
+            except ServiceError as err:
+                failures += 1
+                summary.append({"input": str(path), "error": err.body()})
+                continue
+            finally:
+                bar.close()
+            written = [out / f"{name}.json"]
+            written[0].write_text(segmentation.result.model_dump_json(indent=1))
+            if "nifti" in formats:
+                written.append(out / f"{name}.nii.gz")
+                written[-1].write_bytes(writers.nifti(segmentation))
+            if "png" in formats:
+                written.append(out / f"{name}.png")
+                written[-1].write_bytes(writers.overlay_png(segmentation))
+            reliability = segmentation.result.reliability
+            summary.append(
+                {
+                    "input": str(path),
+                    "outputs": [str(p) for p in written],
+                    "slices": segmentation.result.input.shape[0],
+                    "area": sum(s.area for s in segmentation.result.mask.slices),
+                    "reliability": reliability.score,
+                    "level": reliability.level,
+                }
+            )
+    finally:
+        await batcher.close()
+        executor.shutdown(wait=True)
+    return summary, failures
+
+
+def segment(
+    engine: Engine, settings: Settings, inputs: Sequence[Path], out: Path, formats: Sequence[str],
+    modality: str | None = None, progress: bool = True,
+) -> tuple[list[dict[str, object]], int]:  # fmt: skip
+    """Segment every input; returns a summary per input and the number that failed (with their errors)."""
+    return asyncio.run(_segment_all(engine, settings, inputs, out, formats, modality, progress))

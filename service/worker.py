@@ -1,0 +1,246 @@
+"""The worker: jobs from the Redis stream through the pipeline, results back, nothing lost.
+
+Up to ``concurrency`` jobs are in flight at once so their slices fill the batcher's batches. Input
+errors (4xx) fail a job for good; anything else is treated as the worker's problem: the error is noted
+and the entry handed back, so the janitor redelivers it (here or on another worker) until the delivery
+limit sends it to the dead-letter stream. A heartbeat keeps long jobs from being reclaimed while this
+worker lives; SIGTERM stops intake, lets jobs in flight finish for ``drain_timeout_s`` and hands back
+the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service import presence
+from service.batcher import DynamicBatcher
+from service.config import Settings
+from service.engine import Engine
+from service.errors import JobNotFound, ServiceError
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.queue import Delivery, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        client: aioredis.Redis,
+        metrics: Metrics | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = client
+        self.metrics = metrics or Metrics()
+        self.consumer = consumer or consumer_name()
+        self.queue = JobQueue(client, settings.queue)
+        self.executor = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="c2p-decode")
+        self.batcher = DynamicBatcher(
+            self._run_batch, settings.engine.max_batch_size, settings.worker.max_queue_delay_ms
+        )
+        self.pipeline = Pipeline(engine, settings, self.executor, self.batcher)
+        self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        outputs = self.engine.run(images)
+        self.metrics.compute_duration.observe(time.perf_counter() - start)
+        self.metrics.execution_count.inc()
+        self.metrics.inference_count.inc(len(images))
+        self.metrics.batch_size.observe(len(images))
+        return outputs
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler via the loop)."""
+        self.stopping.set()
+
+    def _announcement(self) -> dict[str, object]:
+        return {
+            "consumer": self.consumer,
+            "model": self.pipeline.model.name,
+            "digest": self.pipeline.model.digest,
+            "device": self.engine.device,
+            "warm": True,
+        }
+
+    async def run(self) -> None:
+        await self.queue.ensure_group()
+        ttl = 3 * self.settings.worker.heartbeat_s
+        await presence.announce(self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl)
+        self.ready.set()
+        log.info("worker %s ready (model %s on %s)", self.consumer, self.pipeline.model.name, self.engine.device)
+        background = [
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._janitor(), name="janitor"),
+        ]
+        try:
+            await self._intake()
+        finally:
+            await self._drain()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(RedisError):
+                await presence.withdraw(self.client, self.settings.queue.prefix, self.consumer)
+            await self.batcher.close()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker %s stopped", self.consumer)
+
+    async def _intake(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            free = self.settings.worker.concurrency - len(self.in_flight)
+            if free <= 0:
+                await self._wait_for_slot()
+                continue
+            try:
+                deliveries = await self.queue.read(self.consumer, free, block_ms=500)
+                backoff = 0.1
+            except (RedisError, ServiceError, OSError) as err:
+                log.warning("cannot read the job stream (%s); retrying in %.1f s", type(err).__name__, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for delivery in deliveries:
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._process(delivery), name=f"job-{delivery.job_id}")
+        self.in_flight[delivery.job_id] = (delivery, task)
+        self.metrics.pending_requests.set(len(self.in_flight))
+        task.add_done_callback(lambda _: self._finished(delivery.job_id))
+
+    def _finished(self, job_id: str) -> None:
+        self.in_flight.pop(job_id, None)
+        self.metrics.pending_requests.set(len(self.in_flight))
+
+    async def _wait_for_slot(self) -> None:
+        tasks = [task for _, task in self.in_flight.values()]
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _process(self, delivery: Delivery) -> None:
+        queued_ms = _queued_ms(delivery)
+        self.metrics.queue_duration.observe(queued_ms / 1000)
+        try:
+            files = await self.queue.payload(delivery, self.settings.limits.max_upload_bytes)
+            segmentation = await self.pipeline.run(files, delivery.meta.get("modality_hint"), queued_ms=queued_ms)
+            timings = segmentation.result.timings
+            self.metrics.decode_duration.observe(timings.decode_ms / 1000)
+            self.metrics.infer_duration.observe(timings.inference_ms / 1000)
+            self.metrics.encode_duration.observe(timings.encode_ms / 1000)
+            stored = await self.queue.complete(delivery, segmentation.result.model_dump_json())
+            self.metrics.jobs.labels("succeeded" if stored else "duplicate").inc()
+        except JobNotFound:
+            # Deleted by its owner or expired while queued: there is nobody to answer.
+            await self.queue.fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
+            self.metrics.jobs.labels("expired").inc()
+        except ServiceError as err:
+            if err.http_status < 500:
+                await self.queue.fail(delivery, err)
+                self.metrics.jobs.labels("failed").inc()
+                log.info("job %s failed: %s", delivery.job_id, err.code)
+            else:
+                await self._hand_back(delivery, err.code, err.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug or a crashing engine: retry elsewhere, dead-letter after the limit
+            log.exception("job %s: unexpected error (delivery %d)", delivery.job_id, delivery.deliveries)
+            await self._hand_back(delivery, "internal", f"{type(err).__name__}: {err}")
+
+    async def _hand_back(self, delivery: Delivery, code: str, message: str) -> None:
+        try:
+            await self.queue.note_error(delivery, code, message[:500])
+            await self.queue.release(self.consumer, [delivery])
+        except (RedisError, ServiceError, OSError):
+            log.warning("job %s: cannot hand back; the janitor will reclaim it after the deadline", delivery.job_id)
+        self.metrics.jobs.labels("released").inc()
+
+    async def _heartbeat(self) -> None:
+        ttl = 3 * self.settings.worker.heartbeat_s
+        while True:
+            await asyncio.sleep(self.settings.worker.heartbeat_s)
+            try:
+                await presence.announce(
+                    self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl
+                )
+                live = [d for d, _ in self.in_flight.values()]
+                if live:
+                    await self.queue.heartbeat(self.consumer, live)
+            except (RedisError, ServiceError, OSError) as err:
+                log.warning("heartbeat failed (%s)", type(err).__name__)
+
+    async def _janitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker.janitor_interval_s)
+            if self.stopping.is_set():
+                return
+            free = self.settings.worker.concurrency - len(self.in_flight)
+            if free <= 0:
+                continue
+            try:
+                reclaimed = await self.queue.reclaim(self.consumer, count=free)
+            except (RedisError, ServiceError, OSError) as err:
+                log.warning("janitor failed (%s)", type(err).__name__)
+                continue
+            for delivery in reclaimed:
+                log.info("job %s reclaimed (delivery %d)", delivery.job_id, delivery.deliveries)
+                self.metrics.redeliveries.inc()
+                self._start(delivery)
+
+    async def _drain(self) -> None:
+        if not self.in_flight:
+            return
+        log.info("draining %d job(s) for up to %.0f s", len(self.in_flight), self.settings.worker.drain_timeout_s)
+        tasks = [task for _, task in self.in_flight.values()]
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.drain_timeout_s)
+        if not pending:
+            return
+        unfinished = [d for d, task in self.in_flight.values() if task in pending]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            await self.queue.release(self.consumer, unfinished)
+            log.info("handed back %d unfinished job(s)", len(unfinished))
+        except (RedisError, ServiceError, OSError):
+            log.warning("could not hand back %d job(s); the janitor will reclaim them", len(unfinished))
+
+
+def _queued_ms(delivery: Delivery) -> float:
+    submitted = delivery.meta.get("submitted_at")
+    if not isinstance(submitted, str):
+        return 0.0
+    try:
+        return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(submitted)).total_seconds() * 1000)
+    except ValueError:
+        return 0.0

@@ -1,0 +1,172 @@
+"""Real processes: `c2p worker` killed mid-job, drained by SIGTERM, and `c2p serve` from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.config import QueueSettings
+from service.queue import JobQueue
+from tests.service.harness import disc_image, png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def volume_upload(slices: int) -> list[tuple[str, bytes]]:
+    data = np.zeros((64, 64, slices), dtype=np.int16)
+    data[20:44, 16:40, :] = 300
+    image = nib.Nifti1Image(data, np.eye(4))
+    buffer = io.BytesIO()
+    image.to_file_map(image.make_file_map({"image": buffer, "header": buffer}))
+    return [("volume.nii.gz", gzip.compress(buffer.getvalue(), compresslevel=1))]
+
+
+def worker_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
+    env.update(
+        {
+            "C2P_REDIS_URL": redis_url,
+            "C2P_QUEUE__PREFIX": prefix,
+            "C2P_QUEUE__JOB_DEADLINE_S": "1.5",
+            "C2P_WORKER__JANITOR_INTERVAL_S": "0.3",
+            "C2P_WORKER__HEARTBEAT_S": "0.3",
+            "C2P_ENGINE__WARMUP": "false",
+            "C2P_ENGINE__INTRA_OP_THREADS": "1",
+            "C2P_ENGINE__MAX_BATCH_SIZE": "4",
+            **extra,
+        }
+    )
+    return env
+
+
+def start_worker(exported: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--model", str(exported)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_status(queue: JobQueue, job_id: str, wanted: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = (await queue.get(job_id)).status
+        if status in wanted:
+            return status
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {wanted}")
+
+
+def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, exported: Path, tmp_path: Path) -> None:
+    prefix = f"tkill{uuid.uuid4().hex[:8]}"
+    settings = QueueSettings(prefix=prefix, job_deadline_s=1.5)
+    env = worker_env(redis_url, prefix)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        queue = JobQueue(client, settings)
+        try:
+            await queue.ensure_group()
+            job = await queue.submit(volume_upload(400), {"format": "nifti", "modality_hint": "MR"})
+            first = start_worker(exported, env, tmp_path / "first.log")
+            try:
+                await wait_status(queue, job.id, {"running"}, 60)
+            finally:
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+            assert (await queue.get(job.id)).status == "running"  # nobody finished it
+            second = start_worker(exported, env, tmp_path / "second.log")
+            try:
+                assert await wait_status(queue, job.id, {"succeeded", "failed"}, 120) == "succeeded"
+            finally:
+                second.send_signal(signal.SIGTERM)
+                assert second.wait(30) == 0
+            done = await queue.get(job.id)
+            assert done.deliveries == 2
+            assert done.result is not None and len(done.result.mask.slices) == 400
+            stats = await queue.stats()
+            assert stats.length == 0 and stats.pending == 0 and stats.dead_letters == 0
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_drains_the_job_in_flight(redis_url: str, exported: Path, tmp_path: Path) -> None:
+    prefix = f"tterm{uuid.uuid4().hex[:8]}"
+    env = worker_env(redis_url, prefix)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        queue = JobQueue(client, QueueSettings(prefix=prefix))
+        try:
+            await queue.ensure_group()
+            job = await queue.submit(volume_upload(200), {"format": "nifti"})
+            worker = start_worker(exported, env, tmp_path / "worker.log")
+            await wait_status(queue, job.id, {"running"}, 60)
+            worker.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(worker.wait, 60) == 0
+            done = await queue.get(job.id)
+            assert done.status == "succeeded" and done.deliveries == 1
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_c2p_serve_runs_the_embedded_service(exported: Path, tmp_path: Path) -> None:
+    """The README's serve command: gateway + worker + a private Redis, one process, stopped by SIGTERM."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
+    env["C2P_ENGINE__INTRA_OP_THREADS"] = "1"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model", str(exported)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        files = [("file", ("disc.png", png_bytes(disc_image()), "image/png"))]
+        response = httpx.post(f"{base}/v1/segmentations?wait=30", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "succeeded"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, log.read_text()

@@ -1,0 +1,245 @@
+"""The whole request path with real Redis and real files: gateway -> queue -> worker -> result."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from service.codecs import rle
+from service.config import LimitSettings, QueueSettings
+from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
+
+
+def upload(*files: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (name, data, "application/octet-stream")) for name, data in files]
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(data, affine)
+    buffer = io.BytesIO()
+    image.to_file_map(image.make_file_map({"image": buffer, "header": buffer}))
+    return gzip.compress(buffer.getvalue())
+
+
+def test_sync_and_async_lifecycle(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            image = png_bytes(disc_image())
+            sync = await http.post("/v1/segmentations?wait=30", files=upload(("disc.png", image)))
+            assert sync.status_code == 200, sync.text
+            job = sync.json()
+            assert job["status"] == "succeeded"
+            result = job["result"]
+            assert result["input"]["format"] == "png" and result["input"]["shape"] == [1, 96, 128]
+            assert result["mask"]["size"] == [96, 128] and len(result["mask"]["slices"]) == 1
+            mask = rle.decode({"size": result["mask"]["size"], "counts": result["mask"]["slices"][0]["counts"]})
+            assert mask.shape == (96, 128) and int(mask.sum()) == result["mask"]["slices"][0]["area"]
+            assert 0 <= result["reliability"]["score"] <= 1
+            assert result["model"]["engine"] == "onnx" and len(result["model"]["digest"]) == 64
+
+            queued = await http.post("/v1/segmentations", files=upload(("disc.png", image)))
+            assert queued.status_code == 202
+            location = queued.headers["location"]
+            assert location == f"/v1/segmentations/{queued.json()['id']}"
+            for _ in range(200):
+                polled = (await http.get(location)).json()
+                if polled["status"] == "succeeded":
+                    break
+                await asyncio.sleep(0.05)
+            assert polled["status"] == "succeeded"
+            # the same input gives the same masks whichever way it was asked for
+            assert polled["result"]["mask"] == result["mask"]
+
+            assert (await http.delete(location)).status_code == 204
+            gone = await http.get(location)
+            assert gone.status_code == 404 and gone.json()["code"] == "job_not_found"
+            assert (await http.get("/v1/segmentations/not-a-job")).status_code == 404
+
+    asyncio.run(scenario())
+
+
+def test_nifti_volume_mask_comes_back_on_the_input_grid(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    data = np.zeros((40, 30, 6), dtype=np.int16)
+    data[10:30, 8:22, 1:5] = 400
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [-10, 5, 30]
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            response = await http.post(
+                "/v1/segmentations?wait=30&modality=MR", files=upload(("vol.nii.gz", nifti_bytes(data, affine)))
+            )
+            assert response.status_code == 200, response.text
+            result = response.json()["result"]
+            assert result["input"]["shape"] == [6, 30, 40]
+            assert result["input"]["spacing"] == pytest.approx([2.5, 0.9, 0.8])
+            assert np.allclose(result["input"]["affine"], affine)
+            assert result["input"]["modality"] == "MR"
+            assert result["input"]["preprocessing"]["method"] == "percentile"
+            assert result["mask"]["size"] == [30, 40]
+            assert [s["index"] for s in result["mask"]["slices"]] == list(range(6))
+            assert len(result["reliability"]["slices"]) == 6
+
+    asyncio.run(scenario())
+
+
+def test_dicom_ct_records_its_window(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            response = await http.post("/v1/segmentations?wait=30", files=upload(("ct.dcm", ct)))
+            assert response.status_code == 200, response.text
+            result = response.json()["result"]
+            assert result["input"]["format"] == "dicom" and result["input"]["modality"] == "CT"
+            assert result["input"]["preprocessing"]["method"] == "ct-window"
+            assert result["input"]["shape"] == [1, 128, 128]
+            assert "Patient" not in response.text and "CompressedSamples" not in response.text
+
+    asyncio.run(scenario())
+
+
+def test_bad_requests_get_a_4xx_with_a_code(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            cases = [
+                (upload(("noise.bin", np.random.default_rng(0).bytes(4096))), "", 415, "unsupported_format"),
+                (upload(("ct.dcm", ct[: len(ct) // 3])), "", 422, None),
+                (upload(("empty.dcm", b"")), "", None, None),
+                (upload(("disc.png", png_bytes(disc_image()))), "?wait=100000", 400, "invalid_request"),
+                (upload(("disc.png", png_bytes(disc_image()))), "?modality=banana", 400, "invalid_request"),
+                (upload(("disc.png", png_bytes(disc_image()))), "?wait=abc", 400, "invalid_request"),
+            ]
+            for files, query, status, code in cases:
+                response = await http.post(f"/v1/segmentations{query}", files=files)
+                assert 400 <= response.status_code < 500, (query, response.status_code, response.text)
+                if status is not None:
+                    assert response.status_code == status, response.text
+                body = response.json()
+                assert body["code"] and body["message"]
+                if code is not None:
+                    assert body["code"] == code
+            no_field = await http.post("/v1/segmentations", files=[("other", ("x.png", b"123", "image/png"))])
+            assert no_field.status_code == 400 and "file" in no_field.json()["message"]
+            not_multipart = await http.post("/v1/segmentations", content=b"raw", headers={"content-type": "image/png"})
+            assert not_multipart.status_code == 400
+            assert (await http.get("/nowhere")).status_code == 404
+            # the service still works after all of that
+            ok = await http.post("/v1/segmentations?wait=30", files=upload(("disc.png", png_bytes(disc_image()))))
+            assert ok.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_limits_answer_413(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    settings.limits = LimitSettings(max_upload_bytes=20_000, max_files=3, max_pixels_per_slice=200 * 200)
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            big = png_bytes(np.random.default_rng(0).integers(0, 255, (150, 150), dtype=np.uint8))
+            too_big = await http.post("/v1/segmentations", files=upload(("big.png", big)))
+            assert too_big.status_code == 413 and too_big.json()["code"] == "payload_too_large"
+            wide = png_bytes(np.zeros((10, 5000), dtype=np.uint8))
+            too_wide = await http.post("/v1/segmentations", files=upload(("wide.png", wide)))
+            assert too_wide.status_code == 413 and too_wide.json()["code"] == "image_too_large"
+            small = png_bytes(disc_image((32, 32), 8))
+            many = await http.post("/v1/segmentations", files=upload(*[(f"{i}.png", small) for i in range(4)]))
+            assert many.status_code == 413 and many.json()["code"] == "image_too_large"
+
+    asyncio.run(scenario())
+
+
+def test_queue_full_answers_429_with_retry_after(redis_url: str, exported: Path) -> None:
+    queue = QueueSettings(prefix=f"t429{np.random.default_rng().integers(1 << 30)}", max_pending=2, retry_after_s=7)
+    settings = make_settings(redis_url, queue, exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            image = png_bytes(disc_image())
+            for _ in range(2):
+                assert (await http.post("/v1/segmentations", files=upload(("a.png", image)))).status_code == 202
+            full = await http.post("/v1/segmentations", files=upload(("a.png", image)))
+            assert full.status_code == 429 and full.json()["code"] == "queue_full"
+            assert full.headers["retry-after"] == "7"
+
+    asyncio.run(scenario())
+
+
+def test_readiness_waits_for_a_warm_worker(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            assert (await http.get("/v2/health/live")).status_code == 200
+            not_ready = await http.get("/v2/health/ready")
+            assert not_ready.status_code == 503 and not_ready.json()["code"] == "unavailable"
+        async with running(settings, engine_for(exported)) as (http, _):
+            ready = await http.get("/v2/health/ready")
+            assert ready.status_code == 200 and ready.json()["workers"] >= 1
+            metrics = await http.get("/metrics")
+            assert metrics.status_code == 200 and "c2p_inference_count" in metrics.text
+
+    asyncio.run(scenario())
+
+
+def test_liveness_never_depends_on_redis(exported: Path) -> None:
+    settings = make_settings("redis://127.0.0.1:1/0", QueueSettings(prefix="tdead"), exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            assert (await http.get("/v2/health/live")).status_code == 200
+            ready = await http.get("/v2/health/ready")
+            assert ready.status_code == 503
+            image = png_bytes(disc_image())
+            down = await http.post("/v1/segmentations", files=upload(("a.png", image)))
+            assert down.status_code == 503 and down.json()["code"] == "unavailable"
+
+    asyncio.run(scenario())
+
+
+def test_slices_of_concurrent_jobs_share_batches(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported, max_queue_delay_ms=50.0)
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, worker):
+            image = png_bytes(disc_image())
+            responses = await asyncio.gather(
+                *[http.post("/v1/segmentations?wait=30", files=upload((f"{i}.png", image))) for i in range(8)]
+            )
+            assert all(r.status_code == 200 for r in responses)
+            stats = worker.batcher.stats
+            assert stats.inference_count == 8 and stats.execution_count < 8
+
+    asyncio.run(scenario())
+
+
+def test_openapi_documents_the_result_schema(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            schema = (await http.get("/openapi.json")).json()
+            assert "SegmentationResult" in schema["components"]["schemas"]
+            assert "Reliability" in schema["components"]["schemas"]
+            post = schema["paths"]["/v1/segmentations"]["post"]
+            assert "multipart/form-data" in post["requestBody"]["content"]
+            assert {"202", "413", "415", "422", "429"} <= set(post["responses"])
+
+    asyncio.run(scenario())
