@@ -10,6 +10,9 @@ Layout (big-endian)::
     count x ( name_len u16 | name utf-8 | flags u8 | stored_len u64 | raw_len u64 | crc32(raw) u32 )
     the members' stored bytes, in the same order, nothing after them
 
+Large members are compressed in chunks and, through ``StreamPacker``, written to Redis in chunks, so
+the gateway never holds a second copy of a large upload.
+
 Level 1 because the gateway packs on the request path and DICOM/NIfTI pixel data compresses about as
 well at level 1 as at 6 for a fraction of the CPU. Members that barely compress (JPEG or JPEG 2000
 pixel data, .nii.gz) are stored as they are, decided per file, so they cost neither CPU on the worker
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 MAGIC = b"C2PP"
 VERSION = 1
@@ -34,6 +37,8 @@ MIN_GAIN = 0.10
 PROBE_ABOVE = 1024 * 1024
 PROBE_BYTES = 256 * 1024
 PROBE_MIN_GAIN = 0.05
+# Members above PROBE_ABOVE are compressed and written in chunks of this size (bounded memory).
+CHUNK_BYTES = 4 * 1024 * 1024
 
 _HEAD = struct.Struct(">4sBI")
 _NAME_LEN = struct.Struct(">H")
@@ -45,35 +50,93 @@ class PayloadOverLimit(ValueError):
     """The files add up to more than the reader's limit once decompressed (a ValueError like the rest)."""
 
 
+def _worth_compressing(data: bytes | memoryview) -> bool:
+    """Large members: decided on a sample from the middle (headers compress well, pixels may not)."""
+    start = (len(data) - PROBE_BYTES) // 2
+    probe = data[start : start + PROBE_BYTES]
+    return len(zlib.compress(probe, LEVEL)) <= (1 - PROBE_MIN_GAIN) * len(probe)
+
+
 def _compress(data: bytes) -> bytes | None:
     """The zlib stream when it saves at least ``MIN_GAIN``, else None (store the member raw)."""
     if not data:
         return None
-    if len(data) > PROBE_ABOVE:
-        start = (len(data) - PROBE_BYTES) // 2
-        probe = data[start : start + PROBE_BYTES]
-        if len(zlib.compress(probe, LEVEL)) > (1 - PROBE_MIN_GAIN) * len(probe):
-            return None
+    if len(data) > PROBE_ABOVE and not _worth_compressing(data):
+        return None
     packed = zlib.compress(data, LEVEL)
     return packed if len(packed) <= (1 - MIN_GAIN) * len(data) else None
 
 
+class StreamPacker:
+    """``pack`` in pieces, for values too large to build twice in memory.
+
+    The header's size is known before anything is compressed (names and fixed-size entries), so the
+    writer reserves it, appends the members' stored bytes chunk by chunk, and writes the header last
+    into the reserved space (Redis: SET placeholder, APPEND..., SETRANGE 0). The value is byte for
+    byte what ``pack`` returns, so ``unpack`` reads both.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, bytes]]) -> None:
+        self.files = files
+        self.names = []
+        for name, _ in files:
+            encoded = name.encode("utf-8")
+            if len(encoded) > MAX_NAME_BYTES:
+                raise ValueError(f"file name longer than {MAX_NAME_BYTES} bytes")
+            self.names.append(encoded)
+        self.entries: list[bytes] = []
+
+    @property
+    def header_size(self) -> int:
+        return _HEAD.size + sum(_NAME_LEN.size + len(n) + _ENTRY.size for n in self.names)
+
+    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """The members' stored bytes, at most about ``size`` bytes per chunk."""
+        self.entries = []
+        for (_, data), encoded in zip(self.files, self.names, strict=True):
+            view = memoryview(data)
+            crc = zlib.crc32(view)
+            stored_len = 0
+            if len(view) <= PROBE_ABOVE:
+                stored = _compress(bytes(view))
+                flags = FLAG_ZLIB if stored is not None else 0
+                body = stored if stored is not None else bytes(view)
+                stored_len = len(body)
+                if body:
+                    yield body
+            elif _worth_compressing(view):
+                flags = FLAG_ZLIB
+                compressor = zlib.compressobj(LEVEL)
+                for start in range(0, len(view), size):
+                    out = compressor.compress(view[start : start + size])
+                    if out:
+                        stored_len += len(out)
+                        yield out
+                out = compressor.flush()
+                stored_len += len(out)
+                yield out
+            else:
+                flags = 0
+                for start in range(0, len(view), size):
+                    piece = bytes(view[start : start + size])
+                    stored_len += len(piece)
+                    yield piece
+            self.entries.append(_NAME_LEN.pack(len(encoded)) + encoded + _ENTRY.pack(flags, stored_len, len(view), crc))
+
+    def header(self) -> bytes:
+        """Valid once ``chunks`` has been consumed to the end."""
+        if len(self.entries) != len(self.files):
+            raise RuntimeError("header() before every member was packed")
+        header = _HEAD.pack(MAGIC, VERSION, len(self.files)) + b"".join(self.entries)
+        assert len(header) == self.header_size
+        return header
+
+
 def pack(files: Sequence[tuple[str, bytes]]) -> bytes:
     """One value for Redis holding every uploaded file, each compressed only if that pays."""
-    header = [_HEAD.pack(MAGIC, VERSION, len(files))]
-    bodies: list[bytes] = []
-    for name, data in files:
-        encoded = name.encode("utf-8")
-        if len(encoded) > MAX_NAME_BYTES:
-            raise ValueError(f"file name longer than {MAX_NAME_BYTES} bytes")
-        raw = bytes(data)
-        stored = _compress(raw)
-        flags = FLAG_ZLIB if stored is not None else 0
-        body = stored if stored is not None else raw
-        header.append(_NAME_LEN.pack(len(encoded)) + encoded)
-        header.append(_ENTRY.pack(flags, len(body), len(raw), zlib.crc32(raw)))
-        bodies.append(body)
-    return b"".join(header + bodies)
+    packer = StreamPacker(files)
+    body = b"".join(packer.chunks())
+    return packer.header() + body
 
 
 def _inflate(stored: memoryview, raw_len: int, index: int) -> bytes:

@@ -393,14 +393,10 @@ class JobQueue:
         if await self._client.xlen(self.stream) >= settings.max_pending:
             raise full
         meta_json = json.dumps(meta, separators=(",", ":"))
-        try:
-            blob = await asyncio.to_thread(payload_codec.pack, files)  # CPU-bound: keep the event loop free
-        except ValueError as exc:  # a file name too long for the container
-            raise InvalidRequest(str(exc)) from exc
         job_id = new_job_id()
         now = _now()
         # The payload exists before the entry does, so no worker can see the entry without it.
-        await self._client.set(self.payload_key(job_id), blob, ex=settings.payload_ttl_s)
+        await self._store_payload(self.payload_key(job_id), files)
         entry = await self._submit(
             keys=[self.stream, self.record_key(job_id), self.payload_key(job_id)],
             args=[settings.max_pending, job_id, now, meta_json, self._record_ttl],
@@ -409,6 +405,38 @@ class JobQueue:
             raise full
         created = datetime.fromisoformat(now)
         return Job(id=job_id, status="queued", created_at=created, updated_at=created, deliveries=0)
+
+    async def _store_payload(self, key: str, files: Sequence[tuple[str, bytes]]) -> None:
+        """Write the packed upload in chunks: reserve the header, append the members, write the header.
+
+        A 150 MB volume is never built a second time in memory, and the socket's send buffer never
+        holds more than one chunk. Compression runs in a thread so the event loop keeps serving.
+        """
+        try:
+            packer = payload_codec.StreamPacker(files)
+        except ValueError as exc:  # a file name too long for the container
+            raise InvalidRequest(str(exc)) from exc
+        ttl = self.settings.payload_ttl_s
+        chunks = packer.chunks()
+        pending: list[bytes] = []
+        pending_bytes = 0
+        await self._client.set(key, bytes(packer.header_size), ex=ttl)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is not None:
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                if pending and (chunk is None or pending_bytes >= payload_codec.CHUNK_BYTES):
+                    await self._client.append(key, b"".join(pending) if len(pending) > 1 else pending[0])
+                    pending, pending_bytes = [], 0
+                if chunk is None:
+                    break
+            await self._client.setrange(key, 0, packer.header())
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.delete(key)
+            raise
 
     @_redis_errors
     async def get(self, job_id: str) -> Job:

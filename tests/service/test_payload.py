@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from service.payload import FLAG_ZLIB, MAGIC, PayloadOverLimit, pack, unpack
+from service.payload import FLAG_ZLIB, MAGIC, PayloadOverLimit, StreamPacker, pack, unpack
 
 MIB = 1024 * 1024
 
@@ -122,3 +122,17 @@ def test_a_bomb_that_lies_about_its_size_is_cut_off() -> None:
 def test_names_too_long_are_refused_when_packing() -> None:
     with pytest.raises(ValueError, match="longer than"):
         pack([("x" * 70_000, b"")])
+
+
+def test_stream_packer_writes_what_pack_writes_in_bounded_chunks() -> None:
+    compressible = bytes(range(251)) * 12_000
+    incompressible = os.urandom(2_500_000)
+    files = [("a.dcm", b"small header" * 10), ("vol.nii", compressible), ("j2k.dcm", incompressible), ("e", b"")]
+    packer = StreamPacker(files)
+    chunks = list(packer.chunks(size=256 * 1024))
+    blob = packer.header() + b"".join(chunks)
+    assert len(packer.header()) == packer.header_size
+    assert max(len(c) for c in chunks) <= 256 * 1024 + 64
+    assert unpack(blob, max_bytes=10**8) == files
+    assert unpack(pack(files), max_bytes=10**8) == files
+    assert len(blob) < len(compressible) // 5 + len(incompressible) + 4096

@@ -243,3 +243,33 @@ def test_openapi_documents_the_result_schema(redis_url: str, queue_settings: Que
             assert {"202", "413", "415", "422", "429"} <= set(post["responses"])
 
     asyncio.run(scenario())
+
+
+def test_every_pydicom_test_file_gives_a_result_or_a_4xx(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    """The whole corpus through gateway and worker: decodable files succeed, the rest get a coded 4xx
+    (at the gateway, or as a failed job), nothing answers 5xx, and the worker survives all of it."""
+    from tests.service.test_inputs import ALL_TEST_FILES, pydicom_reference
+
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, worker):
+            outcomes: dict[int, int] = {}
+            for path in ALL_TEST_FILES:
+                response = await http.post("/v1/segmentations?wait=60", files=upload((path.name, path.read_bytes())))
+                outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+                if pydicom_reference(path) is not None:
+                    assert response.status_code == 200, (path.name, response.text)
+                    assert response.json()["result"]["mask"]["slices"]
+                else:
+                    assert 400 <= response.status_code < 500, (path.name, response.status_code, response.text)
+                    body = response.json()
+                    assert body["code"] and body["message"], path.name
+            assert outcomes.get(200, 0) > 30 and sum(outcomes.values()) == len(ALL_TEST_FILES)
+            assert not worker.stopping.is_set()
+            ok = await http.post("/v1/segmentations?wait=30", files=upload(("disc.png", png_bytes(disc_image()))))
+            assert ok.status_code == 200
+
+    asyncio.run(scenario())
