@@ -27,7 +27,7 @@ from service import presence
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
-from service.errors import JobNotFound, ServiceError
+from service.errors import JobNotFound, ServiceError, Unavailable
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.queue import Delivery, JobQueue
@@ -149,6 +149,15 @@ class Worker:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _process(self, delivery: Delivery) -> None:
+        try:
+            await self._run_job(delivery)
+        except (RedisError, OSError, Unavailable) as err:
+            # Redis went away mid-job: nothing to report to; the entry stays pending and the janitor
+            # (here or on another worker) redelivers it once Redis is back and the deadline passed.
+            log.warning("job %s: redis unavailable while finishing (%s)", delivery.job_id, type(err).__name__)
+            self.metrics.jobs.labels("interrupted").inc()
+
+    async def _run_job(self, delivery: Delivery) -> None:
         queued_ms = _queued_ms(delivery)
         self.metrics.queue_duration.observe(queued_ms / 1000)
         try:
@@ -164,6 +173,8 @@ class Worker:
             # Deleted by its owner or expired while queued: there is nobody to answer.
             await self.queue.fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
             self.metrics.jobs.labels("expired").inc()
+        except Unavailable:
+            raise
         except ServiceError as err:
             if err.http_status < 500:
                 await self.queue.fail(delivery, err)

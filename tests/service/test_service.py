@@ -273,3 +273,35 @@ def test_every_pydicom_test_file_gives_a_result_or_a_4xx(
             assert ok.status_code == 200
 
     asyncio.run(scenario())
+
+
+class CrashingEngine:
+    """The real engine's artifact, but every run raises: a job that always kills the engine."""
+
+    def __init__(self, engine: object) -> None:
+        self.artifact = engine.artifact
+        self.device = "cpu"
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        raise RuntimeError("engine crashed")
+
+
+def test_a_job_that_always_crashes_the_engine_ends_in_the_dead_letters(redis_url: str, exported: Path) -> None:
+    queue = QueueSettings(
+        prefix=f"tdl{np.random.default_rng().integers(1 << 30)}", max_deliveries=2, job_deadline_s=0.3
+    )
+    settings = make_settings(redis_url, queue, exported)
+
+    async def scenario() -> None:
+        async with running(settings, CrashingEngine(engine_for(exported))) as (http, worker):
+            response = await http.post("/v1/segmentations?wait=30", files=upload(("a.png", png_bytes(disc_image()))))
+            assert response.status_code == 422, response.text
+            body = response.json()
+            assert body["code"] == "delivery_limit" and "engine crashed" in body["message"]
+            job = (await http.get(f"/v1/segmentations/{body['job_id']}")).json()
+            assert job["status"] == "failed" and job["deliveries"] >= 2
+            stats = await worker.queue.stats()
+            assert stats.dead_letters == 1 and stats.length == 0
+            assert not worker.stopping.is_set()
+
+    asyncio.run(scenario())
