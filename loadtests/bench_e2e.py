@@ -183,7 +183,18 @@ def main() -> None:
         )
         common = ["--model", str(directory)]
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "gateway", "--port", str(port), *common], env=env
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "gateway",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(free_port()),
+                *common,
+            ],
+            env=env,
         )
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *common], env=env)
         try:

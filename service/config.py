@@ -76,6 +76,35 @@ class WorkerSettings(BaseModel):
     suppress_outliers: bool = True
 
 
+GRPC_MAX_MESSAGE = 2**31 - 1
+
+
+class GrpcSettings(BaseModel):
+    """The gRPC server's transport.
+
+    Message limits are sized for volumes: a unary Segment carries the whole upload in one message, so
+    the receive limit is the REST upload limit plus framing; larger series use SegmentStream. gRPC cannot
+    go above 2 GiB - 1 per message. Keepalive pings let a server notice a vanished client during a long
+    wait instead of holding its job forever.
+    """
+
+    max_receive_message_bytes: int = Field(1024 * MIB + 4 * MIB, ge=1024, le=GRPC_MAX_MESSAGE)
+    # A Job with the masks and per-slice reliability of a 4096-slice volume is some tens of MB.
+    max_send_message_bytes: int = Field(256 * MIB, ge=1024, le=GRPC_MAX_MESSAGE)
+    # Ping an idle connection this often, and drop it if the ping is not answered within the timeout.
+    keepalive_time_s: float = Field(60.0, gt=0)
+    keepalive_timeout_s: float = Field(20.0, gt=0)
+    # Clients may ping this often (grpc's default of 5 minutes makes servers hang up on clients that
+    # keep connections alive every 30 s, a common setting); more often is answered with GOAWAY.
+    min_client_ping_interval_s: float = Field(10.0, gt=0)
+    # Concurrent calls per connection (HTTP/2 streams).
+    max_concurrent_streams: int = Field(100, ge=1, le=2**31 - 1)
+    # WatchSegmentation re-reads the job this often.
+    watch_interval_s: float = Field(0.1, gt=0, le=10)
+    # Health status refresh (Redis answers and a warm worker announced itself).
+    health_interval_s: float = Field(1.0, gt=0, le=60)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
 
@@ -91,6 +120,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     queue: QueueSettings = QueueSettings()
     worker: WorkerSettings = WorkerSettings()
+    grpc: GrpcSettings = GrpcSettings()
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -49,8 +49,10 @@ def plan(volume: Volume, input_size: int) -> Preprocessing:
     if pixels.ndim == 4:
         return Preprocessing(method="rgb", input_size=input_size)
     modality = (volume.modality or "").upper()
-    if volume.format in ("png", "jpeg"):
-        # Pictures hold display values, never Hounsfield units, whatever modality the caller names.
+    if volume.format in ("png", "jpeg") or (volume.format == "tensor" and pixels.dtype == np.uint8):
+        # Pictures (and 8-bit tensors, which are pictures sent as arrays) hold display values, never
+        # Hounsfield units, whatever modality the caller names: the same image gives the same mask
+        # whether it arrives as a PNG or as an inference tensor.
         if pixels.dtype == np.uint8:
             return Preprocessing(method="window", window=PICTURE_WINDOW, input_size=input_size)
     elif modality == "CT":

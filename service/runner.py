@@ -91,6 +91,15 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
         _on_signals(stop)
         if runner is not None:
             tasks.append(asyncio.create_task(runner.run(), name="worker"))
+        rpc = None
+        if gateway:
+            from service.grpc.server import build_server
+
+            # Built and started in one step: its health loop watches a started server.
+            rpc = build_server(settings, client, metrics)
+            await rpc.start()
+            tasks.append(asyncio.create_task(_grpc_until(rpc, server), name="grpc"))
+            log.info("grpc on %s:%d", settings.host, settings.grpc_port)
         if server is not None:
             tasks.append(asyncio.create_task(server.serve(), name="gateway"))
             where = "private" if private else "shared"
@@ -104,6 +113,15 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
         await client.aclose()
         if private is not None:
             private.stop()
+
+
+async def _grpc_until(rpc: object, http: _Server | None) -> None:
+    """Run the gRPC server until the HTTP server is told to exit, then stop it gracefully with it."""
+    from service.grpc.server import stop_server
+
+    while http is not None and not http.should_exit:
+        await asyncio.sleep(0.1)
+    await stop_server(rpc, grace_s=10.0)
 
 
 def serve(settings: Settings, *, gateway: bool = True, worker: bool = True) -> None:

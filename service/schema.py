@@ -41,7 +41,7 @@ class Preprocessing(_Model):
 
 
 class InputInfo(_Model):
-    format: Literal["dicom", "nifti", "png", "jpeg"]
+    format: Literal["dicom", "nifti", "png", "jpeg", "tensor"]
     modality: str | None = Field(None, description="DICOM Modality (CT, MR, US, ...) or the caller's hint")
     shape: tuple[int, int, int] = Field(description="(z, y, x): slices, rows, columns")
     channels: int = Field(1, description="1 for grey, 3 for RGB (colour ultrasound, endoscopy, photos)")

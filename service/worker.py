@@ -60,7 +60,8 @@ class Worker:
         )
         self.pipeline = Pipeline(engine, settings, self.executor, self.batcher)
         self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
-        self.stopping = asyncio.Event()
+        self.stopping = asyncio.Event()  # no new jobs
+        self.closed = asyncio.Event()  # jobs drained: background loops end
         self.ready = asyncio.Event()
 
     def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,9 +100,13 @@ class Worker:
             await self._intake()
         finally:
             await self._drain()
-            for task in background:
+            self.stopping.set()
+            self.closed.set()
+            # The loops end on the stop event; cancel() only as a last resort (redis-py can swallow a
+            # cancellation that lands mid-command, and a shutdown must not hang on it).
+            _, stuck = await asyncio.wait(background, timeout=5)
+            for task in stuck:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await presence.withdraw(self.client, self.settings.queue.prefix, self.consumer)
             await self.batcher.close()
@@ -198,8 +203,11 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         ttl = 3 * self.settings.worker.heartbeat_s
-        while True:
-            await asyncio.sleep(self.settings.worker.heartbeat_s)
+        while not self.closed.is_set():  # beats on while draining: jobs in flight must not be reclaimed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), self.settings.worker.heartbeat_s)
+            if self.closed.is_set():
+                return
             try:
                 await presence.announce(
                     self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl
@@ -211,8 +219,8 @@ class Worker:
                 log.warning("heartbeat failed (%s)", type(err).__name__)
 
     async def _janitor(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.worker.janitor_interval_s)
+        while not self.stopping.is_set():
+            await self._sleep(self.settings.worker.janitor_interval_s)
             if self.stopping.is_set():
                 return
             free = self.settings.worker.concurrency - len(self.in_flight)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import presence
 from service.config import Settings
 from service.errors import InvalidRequest, ServiceError, Unavailable, from_code
+from service.gateway import kserve
 from service.gateway.uploads import BodyLimit, read_files
 from service.inputs import probe
 from service.metrics import Metrics
@@ -72,11 +73,14 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         redis_client = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
         app.state.redis = redis_client
         app.state.queue = JobQueue(redis_client, settings.queue)
-        stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics))
+        stopping = asyncio.Event()
+        stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics, stopping))
         try:
             yield
         finally:
-            stats.cancel()
+            # An event, not cancel(): redis-py can swallow a cancellation that lands mid-command,
+            # which would hang the shutdown on gather().
+            stopping.set()
             await asyncio.gather(stats, return_exceptions=True)
             if own:
                 await redis_client.aclose()
@@ -204,6 +208,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
             return error_response(Unavailable("no worker has warmed up a model yet"))
         return {"ready": True, "workers": len(workers), "models": sorted({w.get("model", "") for w in workers})}
 
+    app.include_router(kserve.router)
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
@@ -220,9 +226,9 @@ def _modality(value: str | None) -> str | None:
     return upper
 
 
-async def _refresh_stats(queue: JobQueue, metrics: Metrics) -> None:
+async def _refresh_stats(queue: JobQueue, metrics: Metrics, stopping: asyncio.Event) -> None:
     """Stream gauges for /metrics and autoscalers, refreshed in the background (never per scrape)."""
-    while True:
+    while not stopping.is_set():
         try:
             stats = await queue.stats()
             metrics.stream_length.set(stats.length)
@@ -232,4 +238,5 @@ async def _refresh_stats(queue: JobQueue, metrics: Metrics) -> None:
             metrics.dead_letters.set(stats.dead_letters)
         except (ServiceError, RedisError, OSError):
             pass
-        await asyncio.sleep(STATS_INTERVAL_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), STATS_INTERVAL_S)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service.config import LimitSettings
-from service.inputs import dicom, nifti, raster
+from service.inputs import dicom, nifti, raster, tensor
 from service.inputs.sniff import classify
 from service.inputs.volume import InputHeader, Upload
 
@@ -20,13 +20,26 @@ def normalise_hint(modality_hint: str | None) -> str | None:
     return hint or None
 
 
-def probe(files: Sequence[Upload], limits: LimitSettings, modality_hint: str | None = None) -> InputHeader:
+def tensor_layout(files: Sequence[Upload], layout: str | None) -> str | None:
+    """An explicit layout, else the one the tensor's file name carries; None leaves it to the shape.
+
+    The name carries it so a queued tensor needs nothing beyond what every upload has (names and bytes).
+    """
+    return layout or tensor.layout_from_name(files[0][0])
+
+
+def probe(
+    files: Sequence[Upload], limits: LimitSettings, modality_hint: str | None = None, *, layout: str | None = None
+) -> InputHeader:
     """Format, modality, declared (z, y, x) shape and channels of an upload, after the limits and the series'
-    consistency are checked. A DICOM's own Modality wins over the hint."""
+    consistency are checked. A DICOM's own Modality wins over the hint. ``layout`` is for tensors (see ``decode``)."""
     fmt, members = classify(files, limits)
     hint = normalise_hint(modality_hint)
     if fmt == "dicom":
         return dicom.probe(members, limits, hint)
     if fmt == "nifti":
         return nifti.probe(members[0], limits, hint)
+    if fmt == "tensor":
+        member = members[0]
+        return tensor.probe_tensor(member.read(), limits, tensor_layout(files, layout), hint, member.label)
     return raster.probe(members[0], fmt, limits, hint)

@@ -25,6 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty archive
 GZIP_MAGIC = b"\x1f\x8b"
+NPY_MAGIC = b"\x93NUMPY"  # a NumPy .npy tensor (service.inputs.tensor)
 NIFTI_HEAD = 544  # enough for either NIfTI header (348 or 540 bytes) and NIfTI-1's 4 extension flag bytes
 _CHUNK = 1 << 16
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -153,6 +154,8 @@ def _kind(head: bytes, stream: Callable[[], BinaryIO], what: str) -> Kind | Lite
         return "png"
     if head.startswith(JPEG_MAGIC):
         return "jpeg"
+    if head.startswith(NPY_MAGIC):
+        return "tensor"
     if head.startswith(ZIP_MAGICS):
         return "zip"
     if nifti_version(head):
@@ -221,7 +224,14 @@ def _zip_members(data: bytes, what: str, limits: LimitSettings, counted: int) ->
     return members
 
 
-_FORMAT_OF: dict[str, Format] = {"dicom": "dicom", "nifti": "nifti", "nifti-gz": "nifti", "png": "png", "jpeg": "jpeg"}
+_FORMAT_OF: dict[str, Format] = {
+    "dicom": "dicom",
+    "nifti": "nifti",
+    "nifti-gz": "nifti",
+    "png": "png",
+    "jpeg": "jpeg",
+    "tensor": "tensor",
+}
 
 
 def classify(files: Sequence[Upload], limits: LimitSettings) -> tuple[Format, list[Member]]:
@@ -244,7 +254,9 @@ def classify(files: Sequence[Upload], limits: LimitSettings) -> tuple[Format, li
         head = bytes(data[:NIFTI_HEAD])
         kind = _kind(head, lambda data=data: io.BytesIO(data), what)
         if kind is None:
-            raise UnsupportedFormat(f"{what}: not DICOM, NIfTI (.nii, .nii.gz), PNG, JPEG or a zip of DICOM files")
+            raise UnsupportedFormat(
+                f"{what}: not DICOM, NIfTI (.nii, .nii.gz), PNG, JPEG, a NumPy .npy tensor or a zip of DICOM files"
+            )
         if kind == "zip":
             members.extend(_zip_members(data, what, limits, len(members)))
         else:

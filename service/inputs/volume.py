@@ -17,9 +17,9 @@ import numpy as np
 from service.errors import InvalidImage
 
 Upload = tuple[str, bytes]  # (file name as the client gave it, possibly ""; raw bytes)
-Format = Literal["dicom", "nifti", "png", "jpeg"]
+Format = Literal["dicom", "nifti", "png", "jpeg", "tensor"]
 # A member's format as sniffed: "nifti-gz" is NIfTI behind gzip, told apart because its header needs inflating.
-Kind = Literal["dicom", "nifti", "nifti-gz", "png", "jpeg"]
+Kind = Literal["dicom", "nifti", "nifti-gz", "png", "jpeg", "tensor"]
 
 
 @dataclass(frozen=True)

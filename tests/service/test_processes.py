@@ -14,11 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import QueueSettings
 from service.queue import JobQueue
@@ -139,13 +141,14 @@ def free_port() -> int:
 
 def test_c2p_serve_runs_the_embedded_service(exported: Path, tmp_path: Path) -> None:
     """The README's serve command: gateway + worker + a private Redis, one process, stopped by SIGTERM."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
     env["C2P_ENGINE__INTRA_OP_THREADS"] = "1"
     log = tmp_path / "serve.log"
+    command = ["serve", "--port", str(port), "--grpc-port", str(grpc_port), "--model", str(exported)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model", str(exported)],
+            [sys.executable, "-m", "service.cli", *command],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -166,6 +169,14 @@ def test_c2p_serve_runs_the_embedded_service(exported: Path, tmp_path: Path) -> 
         response = httpx.post(f"{base}/v1/segmentations?wait=30", files=files, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "succeeded"
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(100):  # gRPC health follows readiness within its refresh interval
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)

@@ -1,0 +1,203 @@
+"""The c2p.v1.Segmentation service: the REST submit/get/delete path, over gRPC, on the same queue.
+
+A call is checked the way the REST gateway checks an upload (limits, header probe in a thread, no
+pixel decoded here) and its job is submitted with the same meta, so a worker cannot tell the APIs
+apart. What gRPC adds is the call's deadline: a caller that waits for its result waits at most until
+its deadline, and a job still queued when its caller gives up (deadline passed, call cancelled) is
+deleted, so no worker spends time on a result nobody will read. A job a worker has already started is
+left to finish; its result can be fetched with GetSegmentation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from service.config import GrpcSettings, Settings
+from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
+from service.gateway.app import MODALITIES
+from service.grpc import segmentation_pb2, segmentation_pb2_grpc
+from service.grpc.convert import job_to_proto
+from service.grpc.server import API, JOB_ID_KEY, abort, service_errors
+from service.inputs import Upload, probe
+from service.inputs.probe import normalise_hint
+from service.metrics import Metrics
+from service.queue import TERMINAL, JobQueue
+from service.schema import Job
+
+log = logging.getLogger(__name__)
+
+# End a wait this long before the call's deadline, to delete a queued job and answer in time.
+DEADLINE_MARGIN_S = 0.1
+
+
+class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
+    def __init__(self, settings: Settings, queue: JobQueue, metrics: Metrics, config: GrpcSettings) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.metrics = metrics
+        self.config = config
+
+    # -- RPCs ------------------------------------------------------------------------------------------
+
+    async def Segment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async with service_errors(context, self.metrics):
+            files = [(f.name, f.data) for f in request.files]
+            _check_files(files, self.settings)
+            modality = request.modality if request.HasField("modality") else None
+            return await self._segment(files, modality, request.wait_seconds, context)
+
+    async def SegmentStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async with service_errors(context, self.metrics):
+            files, modality, wait_s = await self._receive(request_iterator)
+            return await self._segment(files, modality, wait_s, context)
+
+    async def GetSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async with service_errors(context, self.metrics):
+            return job_to_proto(await self.queue.get(request.id))
+
+    async def WatchSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        """Polls: status changes (queued -> running) are not published, only the end is."""
+        async with service_errors(context, self.metrics):
+            last = None
+            while True:
+                job = await self.queue.get(request.id)
+                if job.status != last:
+                    yield job_to_proto(job)
+                    last = job.status
+                if job.status in TERMINAL:
+                    return
+                await asyncio.sleep(self.config.watch_interval_s)
+
+    async def DeleteSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async with service_errors(context, self.metrics):
+            await self.queue.delete(request.id)
+            return segmentation_pb2.DeleteSegmentationResponse()
+
+    # -- the submit path -------------------------------------------------------------------------------
+
+    async def _segment(
+        self, files: list[Upload], modality: str | None, wait_s: float, context: grpc.aio.ServicerContext
+    ) -> Any:
+        max_wait = self.settings.queue.max_wait_s
+        if not 0 <= wait_s <= max_wait:
+            raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
+        hint = _modality(modality)
+        header = await asyncio.to_thread(probe, files, self.settings.limits, hint)
+        meta = {
+            "format": header.format,
+            "modality": header.modality,
+            "shape": list(header.shape),
+            "files": header.files,
+            "modality_hint": hint,
+            "submitted_at": datetime.now(UTC).isoformat(),
+        }
+        job = await self.queue.submit(files, meta)
+        del files
+        if wait_s > 0:
+            job = await self._wait(job, wait_s, context)
+        if job.status == "failed" and job.error is not None:
+            await abort(context, from_code(job.error.code, job.error.message), self.metrics, job.id)
+        self.metrics.request_success.labels(API).inc()
+        return job_to_proto(job)
+
+    async def _wait(self, job: Job, wait_s: float, context: grpc.aio.ServicerContext) -> Job:
+        """The job when it ends, or after ``wait_s``, or just before the deadline (then DEADLINE_EXCEEDED)."""
+        remaining = context.time_remaining()
+        by_deadline = remaining is not None and remaining - DEADLINE_MARGIN_S <= wait_s
+        budget = wait_s if remaining is None else min(wait_s, remaining - DEADLINE_MARGIN_S)
+        try:
+            if budget > 0:
+                job = await self.queue.wait(job.id, budget)
+            else:
+                job = await self.queue.get(job.id)
+        except asyncio.CancelledError:  # the caller cancelled, or the deadline passed first
+            await asyncio.shield(self._drop_if_queued(job.id))
+            raise
+        if by_deadline and job.status not in TERMINAL:
+            dropped = await self._drop_if_queued(job.id)
+            self.metrics.request_failure.labels(API, "deadline_exceeded").inc()
+            fate = "the job was deleted before it started" if dropped else "the job keeps running"
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed before the result was ready; {fate}",
+                trailing_metadata=((JOB_ID_KEY, job.id),),
+            )
+        return job
+
+    async def _drop_if_queued(self, job_id: str) -> bool:
+        """Delete a job nobody waits for any more, unless a worker has started it (its work is not wasted)."""
+        try:
+            job = await self.queue.get(job_id)
+            if job.status != "queued":
+                return False
+            await self.queue.delete(job_id)
+            log.info("job %s deleted: its caller stopped waiting before it started", job_id)
+            return True
+        except JobNotFound:
+            return False
+        except ServiceError as err:  # Redis is away: the job stays, and expires with its payload
+            log.warning("could not delete abandoned job %s: %s", job_id, err.message)
+            return False
+
+    async def _receive(self, chunks: AsyncIterator[Any]) -> tuple[list[Upload], str | None, float]:
+        """The files of a chunked upload, with the limits enforced as chunks arrive, not after."""
+        limits = self.settings.limits
+        files: list[Upload] = []
+        parts: list[bytes] = []
+        name: str | None = None  # the file being received; None between files
+        received = 0
+        modality: str | None = None
+        wait_s = 0.0
+        first = True
+        async for chunk in chunks:
+            if first:
+                modality = chunk.modality if chunk.HasField("modality") else None
+                wait_s = chunk.wait_seconds
+                first = False
+            if name is None:
+                if len(files) >= limits.max_files:
+                    raise ImageTooLarge(
+                        f"more than {limits.max_files} files in one request; the limit is {limits.max_files}"
+                    )
+                name = chunk.name
+            elif chunk.name and chunk.name != name:
+                raise InvalidRequest(
+                    f"a chunk of {chunk.name!r} arrived before {name!r} ended; set last on each file's final chunk"
+                )
+            received += len(chunk.data)
+            if received > limits.max_upload_bytes:
+                raise PayloadTooLarge(f"upload exceeds the limit of {limits.max_upload_bytes} bytes")
+            parts.append(chunk.data)
+            if chunk.last:
+                files.append((name, parts[0] if len(parts) == 1 else b"".join(parts)))
+                parts, name = [], None
+        if name is not None:
+            raise InvalidRequest(f"the upload ended inside {name!r}: a file's final chunk must have last set")
+        if not files:
+            raise InvalidRequest("no file in the upload")
+        return files, modality, wait_s
+
+
+def _check_files(files: Sequence[Upload], settings: Settings) -> None:
+    limits = settings.limits
+    if not files:
+        raise InvalidRequest("no file in the request")
+    if len(files) > limits.max_files:
+        raise ImageTooLarge(f"{len(files)} files in one request; the limit is {limits.max_files}")
+    total = sum(len(data) for _, data in files)
+    if total > limits.max_upload_bytes:
+        raise PayloadTooLarge(f"upload of {total} bytes exceeds the limit of {limits.max_upload_bytes} bytes")
+
+
+def _modality(value: str | None) -> str | None:
+    """The REST gateway's rule: blank means none, anything else must be a known modality."""
+    hint = normalise_hint(value)
+    if hint is not None and hint not in MODALITIES:
+        raise InvalidRequest(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}")
+    return hint
