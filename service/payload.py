@@ -38,7 +38,7 @@ PROBE_ABOVE = 1024 * 1024
 PROBE_BYTES = 256 * 1024
 PROBE_MIN_GAIN = 0.05
 # Members above PROBE_ABOVE are compressed and written in chunks of this size (bounded memory).
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 
 _HEAD = struct.Struct(">4sBI")
 _NAME_LEN = struct.Struct(">H")
