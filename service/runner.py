@@ -93,10 +93,12 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
             tasks.append(asyncio.create_task(runner.run(), name="worker"))
         rpc = None
         if gateway:
+            from service.grpc.inference import inference_registration
             from service.grpc.server import build_server
 
             # Built and started in one step: its health loop watches a started server.
-            rpc = build_server(settings, client, metrics)
+            inference = inference_registration(settings, client, metrics)
+            rpc = build_server(settings, client, metrics, services=[inference])
             await rpc.start()
             tasks.append(asyncio.create_task(_grpc_until(rpc, server), name="grpc"))
             log.info("grpc on %s:%d", settings.host, settings.grpc_port)

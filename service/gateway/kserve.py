@@ -179,7 +179,11 @@ async def _workers(request: Request, fresh: bool) -> list[dict[str, Any]]:
 
 async def resolve(request: Request, model: str, version: str | None, fresh: bool = True) -> Served:
     """The model a name and optional version mean: 404 for names and versions nobody serves."""
-    workers = await _workers(request, fresh)
+    return served_by(await _workers(request, fresh), model, version)
+
+
+def served_by(workers: list[dict[str, Any]], model: str, version: str | None) -> Served:
+    """``resolve`` on announcements already read: pure, so the gRPC protocol resolves names by the same rules."""
     variants = sorted({str(w.get("model", "")) for w in workers} - {""})
     if model == ALIAS:
         serving = workers
