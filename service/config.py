@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.registry import DEFAULT_VARIANT
@@ -103,6 +103,19 @@ class GrpcSettings(BaseModel):
     watch_interval_s: float = Field(0.1, gt=0, le=10)
     # Health status refresh (Redis answers and a warm worker announced itself).
     health_interval_s: float = Field(1.0, gt=0, le=60)
+    # TLS: PEM files. Certificate + key turn TLS on; a client CA on top requires client certificates
+    # signed by it (mutual TLS). Without them the port is plaintext, for a mesh or loopback.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> GrpcSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("grpc TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("grpc mutual TLS (tls_client_ca_file) needs the server's own certificate and key")
+        return self
 
 
 class Settings(BaseSettings):

@@ -129,6 +129,30 @@ class DeliveryLimit(ServiceError):
     grpc_status = "ABORTED"
 
 
+class ModelNotFound(ServiceError):
+    """A model name or version nobody serves (the error table's 404 is about jobs; the status is what counts)."""
+
+    code = "model_not_found"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class DeadlineExceeded(ServiceError):
+    """The job did not finish within the wait; it has been deleted."""
+
+    code = "deadline_exceeded"
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ServiceError):
+    """The client hung up while waiting; its job has been deleted. 499 as nginx logs it: nobody reads the answer."""
+
+    code = "cancelled"
+    http_status = 499
+    grpc_status = "CANCELLED"
+
+
 ERRORS: tuple[type[ServiceError], ...] = (
     ServiceError,
     ArtifactNotFound,
@@ -144,6 +168,9 @@ ERRORS: tuple[type[ServiceError], ...] = (
     QueueFull,
     Unavailable,
     DeliveryLimit,
+    ModelNotFound,
+    DeadlineExceeded,
+    Cancelled,
 )
 BY_CODE: dict[str, type[ServiceError]] = {cls.code: cls for cls in ERRORS}
 

@@ -54,8 +54,11 @@ from service import presence
 from service.codecs import rle
 from service.config import LimitSettings, Settings
 from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
     InvalidRequest,
     InvalidTensor,
+    ModelNotFound,
     PayloadTooLarge,
     ServiceError,
     Unavailable,
@@ -97,30 +100,6 @@ def v2_error(request: Request, err: ServiceError) -> JSONResponse:
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     return JSONResponse({"error": err.message, "code": err.code}, status_code=err.http_status, headers=headers)
-
-
-class ModelNotFound(ServiceError):
-    """A model name or version nobody serves (the error table's 404 is about jobs; the status is what counts)."""
-
-    code = "model_not_found"
-    http_status = 404
-    grpc_status = "NOT_FOUND"
-
-
-class DeadlineExceeded(ServiceError):
-    """The job did not finish within the wait; it has been deleted."""
-
-    code = "deadline_exceeded"
-    http_status = 504
-    grpc_status = "DEADLINE_EXCEEDED"
-
-
-class Cancelled(ServiceError):
-    """The client hung up while waiting; its job has been deleted. 499 as nginx logs it: nobody reads the answer."""
-
-    code = "cancelled"
-    http_status = 499
-    grpc_status = "CANCELLED"
 
 
 class V2Route(APIRoute):

@@ -42,9 +42,11 @@ from redis.exceptions import RedisError
 from service import presence
 from service.config import Settings
 from service.errors import (
+    DeadlineExceeded,
     InvalidRequest,
     InvalidTensor,
     JobNotFound,
+    ModelNotFound,
     PayloadTooLarge,
     ServiceError,
     Unavailable,
@@ -60,8 +62,6 @@ from service.gateway.kserve import (
     SERVER_NAME,
     VERSION_DIGITS,
     WORKERS_TTL_S,
-    DeadlineExceeded,
-    ModelNotFound,
     Served,
     _modality,
     _outputs_of,

@@ -162,7 +162,11 @@ def build_server(
 
     where = address(settings.host, settings.grpc_port)
     try:
-        server.add_insecure_port(where)
+        credentials = server_credentials(config)
+        if credentials is None:
+            server.add_insecure_port(where)
+        else:
+            server.add_secure_port(where, credentials)
     except RuntimeError as err:
         raise OSError(f"cannot listen for gRPC on {where} (in use, or not a local address)") from err
 
@@ -174,6 +178,18 @@ def build_server(
     )
     _RUNTIME[server] = (health, task)
     return server
+
+
+def server_credentials(config: GrpcSettings) -> grpc.ServerCredentials | None:
+    """TLS from the settings' PEM files; mutual TLS when a client CA is given. None means plaintext."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    try:
+        pair = (config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())
+        client_ca = config.tls_client_ca_file.read_bytes() if config.tls_client_ca_file else None
+    except OSError as err:
+        raise ValueError(f"cannot read a gRPC TLS file: {err}") from err
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 async def stop_server(server: grpc.aio.Server, grace_s: float | None) -> None:
