@@ -1,7 +1,8 @@
 """End-to-end benchmark: the service on loopback against the raw engine on the same images, as JSON.
 
 Starts a private Redis, ``c2p gateway`` and ``c2p worker`` as separate processes (so each one's peak
-memory is its own), sends N images from concurrent HTTP clients, and measures the raw engine on the
+memory is its own), sends N images from concurrent clients over each API (REST upload, c2p.v1 gRPC, and the Open
+Inference Protocol over REST and gRPC, in interleaved rounds), and measures the raw engine on the
 same preprocessed images in this process while the service is idle: ``efficiency`` is end-to-end
 images/s over raw engine images/s, both measured in this run. Then one 512x512x300 CT volume goes
 through the service: seconds end to end and the peak RSS of gateway and worker against the upload.
@@ -19,11 +20,11 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -40,7 +41,7 @@ from service.engine import load_engine
 from service.inputs import decode
 from service.redis_server import PrivateRedis
 
-TARGETS = {"efficiency": 0.85, "gateway_rss_over_upload": 2.0}
+TARGETS = {"efficiency": 0.85, "gateway_rss_over_upload": 2.0, "grpc_vs_rest": 1.0}
 
 
 def free_port() -> int:
@@ -110,30 +111,101 @@ def raw_engine(settings: Settings, directory: Path, images: list[bytes], seconds
     return done / (time.perf_counter() - start)
 
 
-async def drive(base: str, images: list[bytes], concurrency: int) -> tuple[float, list[float], int]:
+Send = Callable[[bytes], Awaitable[bool]]  # one image -> succeeded?
+
+
+async def run_clients(send: Send, images: list[bytes], concurrency: int) -> tuple[float, list[float], int]:
+    """``concurrency`` clients take images from one list until it is empty: images/s, latencies, failures."""
     latencies: list[float] = []
     failures = 0
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for image in images:
-        queue.put_nowait(image)
+    pending = list(images)
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal failures
-        while not queue.empty():
-            image = queue.get_nowait()
+        while pending:
+            image = pending.pop()
             start = time.perf_counter()
-            response = await http.post(
-                f"{base}/v1/segmentations?wait=120", files=[("file", ("i.png", image, "image/png"))]
-            )
+            ok = await send(image)
             latencies.append(time.perf_counter() - start)
-            failures += response.status_code != 200
+            failures += not ok
+
+    start = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    return len(images) / (time.perf_counter() - start), latencies, failures
+
+
+def grey(image: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(image)) as picture:
+        return np.asarray(picture.convert("L"))
+
+
+async def drive(api: str, base: str, grpc_target: str, images: list[bytes], concurrency: int) -> dict[str, object]:
+    """One API's run: REST upload, c2p.v1 gRPC, Open Inference Protocol over REST (binary) or gRPC."""
+    import grpc
+
+    from service.grpc import inference_pb2, inference_pb2_grpc, segmentation_pb2, segmentation_pb2_grpc
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*[client(http) for _ in range(concurrency)])
-        elapsed = time.perf_counter() - start
-    return len(images) / elapsed, latencies, failures
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http, grpc.aio.insecure_channel(grpc_target) as ch:
+        segment = segmentation_pb2_grpc.SegmentationStub(ch)
+        infer = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+
+        async def rest(image: bytes) -> bool:
+            files = [("file", ("i.png", image, "image/png"))]
+            return (await http.post(f"{base}/v1/segmentations?wait=120", files=files)).status_code == 200
+
+        async def rpc(image: bytes) -> bool:
+            request = segmentation_pb2.SegmentRequest(
+                files=[segmentation_pb2.File(name="i.png", data=image)], wait_seconds=120
+            )
+            job = await segment.Segment(request, timeout=130)
+            return job.status == "succeeded"
+
+        async def kserve_rest(image: bytes) -> bool:
+            array = grey(image)
+            header = json.dumps(
+                {
+                    "inputs": [
+                        {"name": "image", "datatype": "UINT8", "shape": list(array.shape),
+                         "parameters": {"binary_data_size": array.nbytes}}
+                    ],
+                    "outputs": [{"name": "score", "parameters": {"binary_data": True}}],
+                }
+            ).encode()  # fmt: skip
+            response = await http.post(
+                f"{base}/v2/models/c2p/infer",
+                content=header + array.tobytes(),
+                headers={
+                    "Inference-Header-Content-Length": str(len(header)),
+                    "Content-Type": "application/octet-stream",
+                },
+            )
+            return response.status_code == 200
+
+        async def kserve_grpc(image: bytes) -> bool:
+            array = grey(image)
+            request = inference_pb2.ModelInferRequest(
+                model_name="c2p",
+                inputs=[
+                    inference_pb2.ModelInferRequest.InferInputTensor(
+                        name="image", datatype="UINT8", shape=list(array.shape)
+                    )
+                ],
+                outputs=[inference_pb2.ModelInferRequest.InferRequestedOutputTensor(name="score")],
+                raw_input_contents=[array.tobytes()],
+            )
+            response = await infer.ModelInfer(request, timeout=130)
+            return len(response.raw_output_contents) == 1
+
+        send = {"rest": rest, "grpc": rpc, "kserve_rest": kserve_rest, "kserve_grpc": kserve_grpc}[api]
+        await run_clients(send, images[:8], min(concurrency, 8))  # warm this path
+        rate, latencies, failures = await run_clients(send, images, concurrency)
+    return {
+        "images_per_s": round(rate, 2),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "failures": failures,
+    }
 
 
 def wait_ready(base: str, processes: list[subprocess.Popen], timeout: float = 180) -> None:
@@ -160,6 +232,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the four APIs (best kept)")
     parser.add_argument("--no-volume", action="store_true")
     args = parser.parse_args()
 
@@ -182,40 +255,34 @@ def main() -> None:
             }
         )
         common = ["--model", str(directory)]
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "gateway",
-                "--port",
-                str(port),
-                "--grpc-port",
-                str(free_port()),
-                *common,
-            ],
-            env=env,
-        )
+        grpc_port = free_port()
+        ports = ["--port", str(port), "--grpc-port", str(grpc_port)]
+        gateway = subprocess.Popen([sys.executable, "-m", "service.cli", "gateway", *ports, *common], env=env)
         worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", *common], env=env)
         try:
             wait_ready(base, [gateway, worker])
-            asyncio.run(drive(base, images[:16], args.concurrency))  # warm the path
-            e2e, latencies, failures = asyncio.run(drive(base, images, args.concurrency))
+            target = f"127.0.0.1:{grpc_port}"
+            # Interleaved rounds, so machine noise hits every API alike; each round sends all images.
+            apis = ("rest", "grpc", "kserve_rest", "kserve_grpc")
+            runs: dict[str, list[dict[str, object]]] = {api: [] for api in apis}
+            for _ in range(args.rounds):
+                for api in apis:
+                    runs[api].append(asyncio.run(drive(api, base, target, images, args.concurrency)))
+            by_api = {api: max(r, key=lambda x: x["images_per_s"]) for api, r in runs.items()}
+            e2e = float(by_api["rest"]["images_per_s"])
             report: dict[str, object] = {
                 "model": json.loads((directory / "card.json").read_text())["variant"],
                 "images": len(images),
                 "concurrency": args.concurrency,
                 "threads": args.threads,
                 "max_batch_size": settings.engine.max_batch_size,
-                "e2e_images_per_s": round(e2e, 2),
+                "rounds": args.rounds,
                 "raw_engine_images_per_s": round(raw, 2),
+                "e2e_images_per_s": e2e,
                 "efficiency": round(e2e / raw, 3),
-                "latency_ms": {
-                    "p50": round(percentile(latencies, 50) * 1000, 1),
-                    "p99": round(percentile(latencies, 99) * 1000, 1),
-                    "mean": round(statistics.fmean(latencies) * 1000, 1),
-                },
-                "failures": failures,
+                "apis": by_api,
+                "grpc_vs_rest": round(float(by_api["grpc"]["images_per_s"]) / e2e, 3),
+                "failures": sum(int(r["failures"]) for r in by_api.values()),
             }
             if not args.no_volume:
                 path = Path(tmp) / "ct.nii"
