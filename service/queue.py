@@ -230,9 +230,13 @@ return 1
 
 # KEYS: stream, record, payload, result. ARGV: group, channel. Whatever state the job is in, its entry
 # goes too: a queued job is never delivered, a running one's worker finds the record gone.
+# KEYS: stream, record, payload, result. ARGV: group, channel, required status ("" = any). 0 gone, 2 wrong status.
 _DELETE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
+end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], 'status') ~= ARGV[3] then
+  return 2
 end
 local id = redis.call('HGET', KEYS[2], 'stream_id')
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
@@ -472,12 +476,26 @@ class JobQueue:
     async def delete(self, job_id: str) -> None:
         """Forget a job in any state; a worker still running it drops its result (complete() returns False)."""
         self._check_id(job_id)
-        removed = await self._delete(
-            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.result_key(job_id)],
-            args=[self.group, self.channel(job_id)],
-        )
-        if not removed:
+        if await self._delete_when(job_id, "") == 0:
             raise JobNotFound("job not found (unknown, expired or deleted)")
+
+    @_redis_errors
+    async def delete_if_queued(self, job_id: str) -> bool:
+        """Delete a job only while no worker has started it, atomically; False when it is gone or running.
+
+        For callers that stopped waiting (a deadline, a hang-up): a job already running is left to
+        finish, since reading the status and then deleting would race with a worker starting it.
+        """
+        self._check_id(job_id)
+        return await self._delete_when(job_id, "queued") == 1
+
+    async def _delete_when(self, job_id: str, status: str) -> int:
+        return int(
+            await self._delete(
+                keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.result_key(job_id)],
+                args=[self.group, self.channel(job_id), status],
+            )
+        )
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
         """The job as soon as it ends, or as it stands after ``timeout_s``.

@@ -133,10 +133,8 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
     async def _drop_if_queued(self, job_id: str) -> bool:
         """Delete a job nobody waits for any more, unless a worker has started it (its work is not wasted)."""
         try:
-            job = await self.queue.get(job_id)
-            if job.status != "queued":
+            if not await self.queue.delete_if_queued(job_id):
                 return False
-            await self.queue.delete(job_id)
             log.info("job %s deleted: its caller stopped waiting before it started", job_id)
             return True
         except JobNotFound:

@@ -408,3 +408,20 @@ async def test_redis_down_means_unavailable() -> None:
                     await call()
         finally:
             await client.aclose()
+
+
+async def test_delete_if_queued_leaves_running_jobs_alone(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    queue = make_queue(redis_client, queue_settings)
+    await queue.ensure_group()
+    waiting = await queue.submit([("a.png", b"x")], {})
+    assert await queue.delete_if_queued(waiting.id)
+    with pytest.raises(JobNotFound):
+        await queue.get(waiting.id)
+    assert not await queue.delete_if_queued(waiting.id)  # gone already
+
+    running = await submit_and_read(queue)
+    assert not await queue.delete_if_queued(running.job_id)
+    assert (await queue.get(running.job_id)).status == "running"
+    assert await queue.complete(running, result_json("c2p-test-64"))
