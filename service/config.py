@@ -89,8 +89,9 @@ class GrpcSettings(BaseModel):
     """
 
     max_receive_message_bytes: int = Field(1024 * MIB + 4 * MIB, ge=1024, le=GRPC_MAX_MESSAGE)
-    # A Job with the masks and per-slice reliability of a 4096-slice volume is some tens of MB.
-    max_send_message_bytes: int = Field(256 * MIB, ge=1024, le=GRPC_MAX_MESSAGE)
+    # A c2p.v1 Job (RLE masks, per-slice reliability) of a 4096-slice volume is some tens of MB, but an Open
+    # Inference Protocol answer carries the mask raw, one byte per voxel: as large as limits.max_voxels allows.
+    max_send_message_bytes: int = Field(1024 * MIB + 4 * MIB, ge=1024, le=GRPC_MAX_MESSAGE)
     # Ping an idle connection this often, and drop it if the ping is not answered within the timeout.
     keepalive_time_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(20.0, gt=0)

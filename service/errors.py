@@ -70,6 +70,17 @@ class ImageTooLarge(ServiceError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class ResponseTooLarge(ServiceError):
+    """The answer would exceed the transport's message limit (gRPC's ``max_send_message_bytes``).
+
+    Checked before sending, so the caller reads which limit to raise or which smaller output to ask for, instead
+    of a bare transport error. 413 on REST for symmetry, though REST streams its answers and never raises it."""
+
+    code = "response_too_large"
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class UnsupportedFormat(ServiceError):
     """Not DICOM, NIfTI, PNG, JPEG or a zip of DICOM files."""
 

@@ -69,7 +69,7 @@ from service.gateway.kserve import (
     served_by,
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
-from service.grpc.server import Registration, error_metadata, ready, status_code
+from service.grpc.server import Registration, check_response_size, error_metadata, ready, status_code
 from service.inputs import Upload, probe, tensor
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
@@ -322,6 +322,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if job.status == "failed" and job.error is not None:
                 raise from_code(job.error.code, job.error.message)
             response = await asyncio.to_thread(build_response, job, inference, request.id)
+            check_response_size(
+                response.ByteSize(), self.settings.grpc.max_send_message_bytes, "; or ask for the score and report only"
+            )
             self.metrics.request_success.labels(API).inc()
             return response
 

@@ -23,7 +23,7 @@ from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTo
 from service.gateway.app import MODALITIES
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.convert import job_to_proto
-from service.grpc.server import API, JOB_ID_KEY, abort, service_errors
+from service.grpc.server import API, JOB_ID_KEY, abort, check_response_size, service_errors
 from service.inputs import Upload, probe
 from service.inputs.probe import normalise_hint
 from service.metrics import Metrics
@@ -59,7 +59,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
 
     async def GetSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
-            return job_to_proto(await self.queue.get(request.id))
+            return self._reply(await self.queue.get(request.id))
 
     async def WatchSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         """Polls: status changes (queued -> running) are not published, only the end is."""
@@ -68,7 +68,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             while True:
                 job = await self.queue.get(request.id)
                 if job.status != last:
-                    yield job_to_proto(job)
+                    yield self._reply(job)
                     last = job.status
                 if job.status in TERMINAL:
                     return
@@ -103,8 +103,14 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             job = await self._wait(job, wait_s, context)
         if job.status == "failed" and job.error is not None:
             await abort(context, from_code(job.error.code, job.error.message), self.metrics, job.id)
+        reply = self._reply(job)
         self.metrics.request_success.labels(API).inc()
-        return job_to_proto(job)
+        return reply
+
+    def _reply(self, job: Job) -> Any:
+        message = job_to_proto(job)
+        check_response_size(message.ByteSize(), self.config.max_send_message_bytes)
+        return message
 
     async def _wait(self, job: Job, wait_s: float, context: grpc.aio.ServicerContext) -> Job:
         """The job when it ends, or after ``wait_s``, or just before the deadline (then DEADLINE_EXCEEDED)."""

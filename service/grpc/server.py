@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from service import presence
 from service.config import GrpcSettings, Settings
-from service.errors import QueueFull, ServiceError
+from service.errors import QueueFull, ResponseTooLarge, ServiceError
 from service.metrics import Metrics
 from service.queue import JobQueue
 
@@ -94,6 +94,16 @@ async def service_errors(context: grpc.aio.ServicerContext, metrics: Metrics) ->
 
 
 # -- server ----------------------------------------------------------------------------------------------
+
+
+def check_response_size(size: int, limit: int, hint: str = "") -> None:
+    """Refuse an answer gRPC would refuse to send, with a message that names the setting: grpc core's own
+    failure reaches the caller as a bare RESOURCE_EXHAUSTED the server never logs."""
+    if size > limit:
+        raise ResponseTooLarge(
+            f"the answer is {size} bytes, above this server's limit of {limit} "
+            f"(C2P_GRPC__MAX_SEND_MESSAGE_BYTES){hint}"
+        )
 
 
 def server_options(config: GrpcSettings) -> list[tuple[str, int]]:

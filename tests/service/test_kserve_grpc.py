@@ -192,7 +192,7 @@ def test_typed_contents_match_raw_contents(redis_url: str, queue_settings: Queue
     asyncio.run(scenario())
 
 
-def test_deadline_deletes_the_job_and_a_full_queue_is_resource_exhausted(
+def test_deadline_timeout_and_cancel_delete_the_job_and_a_full_queue_is_resource_exhausted(
     redis_url: str, queue_settings: QueueSettings, tmp_path: Path
 ) -> None:
     settings = make_settings(redis_url, queue_settings.model_copy(update={"max_pending": 1}), tmp_path)
@@ -220,7 +220,71 @@ def test_deadline_deletes_the_job_and_a_full_queue_is_resource_exhausted(
                 await waiting
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.value.details()
             assert "deleted" in (late.value.details() or "")
-            assert await s.client.xlen(jobs) == 0
-            assert [k async for k in s.client.scan_iter(match=f"{queue_settings.prefix}:job:*")] == []
+            await no_jobs_left(s)
+
+            # the request's own ``timeout`` parameter (Triton's microseconds) ends the wait the same way
+            timed = inference_pb2.ModelInferRequest()
+            timed.CopyFrom(request)
+            timed.parameters["timeout"].int64_param = 300_000
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                await s.stub.ModelInfer(timed, timeout=30)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert asyncio.get_running_loop().time() - started < 5
+            await no_jobs_left(s)
+
+            # a caller that cancels takes its queued job with it
+            call = s.stub.ModelInfer(request)
+            for _ in range(300):
+                if await s.client.xlen(jobs) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert await s.client.xlen(jobs) == 1
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await no_jobs_left(s)
+            assert s.metrics.request_success.labels("kserve-grpc")._value.get() == 0
+
+    asyncio.run(scenario())
+
+
+async def no_jobs_left(s: Served, within_s: float = 5.0) -> None:
+    """The stream and every job record empty, soon: a cancelled call's clean-up runs after the client gave up."""
+    prefix = s.settings.queue.prefix
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        records = [key async for key in s.client.scan_iter(match=f"{prefix}:job:*")]
+        if not records and await s.client.xlen(f"{prefix}:jobs") == 0:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"jobs left behind: {records}"
+        await asyncio.sleep(0.05)
+
+
+def test_an_answer_above_the_send_limit_names_the_setting(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    settings.grpc = settings.grpc.model_copy(update={"max_send_message_bytes": 2048})
+    grey = disc_image((48, 64), radius=12)  # a 3072-byte mask: above the limit
+    request = inference_pb2.ModelInferRequest(
+        model_name="c2p",
+        inputs=[inference_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=grey.shape)],
+        raw_input_contents=[grey.tobytes()],
+    )
+
+    async def scenario() -> None:
+        async with served(settings, exported) as s:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await s.stub.ModelInfer(request, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "C2P_GRPC__MAX_SEND_MESSAGE_BYTES" in (caught.value.details() or "")
+            metadata = {k: v for k, v in caught.value.trailing_metadata() or ()}
+            assert metadata["c2p-error-code"] == "response_too_large"
+            only_score = inference_pb2.ModelInferRequest()
+            only_score.CopyFrom(request)
+            only_score.outputs.add(name="score")
+            answer = await s.stub.ModelInfer(only_score, timeout=60)
+            assert [o.name for o in answer.outputs] == ["score"]
 
     asyncio.run(scenario())
