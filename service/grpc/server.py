@@ -101,8 +101,7 @@ def check_response_size(size: int, limit: int, hint: str = "") -> None:
     failure reaches the caller as a bare RESOURCE_EXHAUSTED the server never logs."""
     if size > limit:
         raise ResponseTooLarge(
-            f"the answer is {size} bytes, above this server's limit of {limit} "
-            f"(C2P_GRPC__MAX_SEND_MESSAGE_BYTES){hint}"
+            f"the answer is {size} bytes, above this server's limit of {limit} (C2P_GRPC__MAX_SEND_MESSAGE_BYTES){hint}"
         )
 
 
