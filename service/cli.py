@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", help="segment local files with the service's pipeline (no server)")
     seg.add_argument("inputs", nargs="+", type=Path, help="files, or folders each holding one DICOM series")
     seg.add_argument("--out", type=Path, required=True, help="output folder: <input name>.json and more")
-    seg.add_argument("--format", default="json", help="comma-separated: json,nifti,png (default json)")
+    seg.add_argument("--format", default="json", help="comma-separated: json,dicom-seg,nifti,png (default json)")
     seg.add_argument("--modality", help="hint for NIfTI/PNG/JPEG inputs, e.g. CT, MR, US")
     seg.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")

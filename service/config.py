@@ -74,6 +74,10 @@ class WorkerSettings(BaseModel):
     # Volume consistency: a slice whose area jumps this many MADs from its neighbours' is an outlier.
     outlier_mads: float = Field(6.0, gt=0)
     suppress_outliers: bool = True
+    # Keep a windowed uint8 preview and the DICOM headers with each result (about one byte per voxel before
+    # compression, for result_ttl_s), so the PNG and DICOM SEG formats can be made on request. Off: JSON and
+    # NIfTI only.
+    keep_outputs: bool = True
 
 
 GRPC_MAX_MESSAGE = 2**31 - 1
@@ -119,6 +123,22 @@ class GrpcSettings(BaseModel):
         return self
 
 
+class DicomWebSettings(BaseModel):
+    """Sending each finished DICOM SEG of a job that came in by STOW-RS back to a DICOMweb server (the PACS).
+
+    Delivery is retried with doubling back-off, and its outcome is kept with the job (``delivery`` in the job's
+    JSON), so a PACS that was down is visible instead of silently missing results.
+    """
+
+    # The destination's DICOMweb root, e.g. http://orthanc:8042/dicom-web/ ; unset: nothing is sent anywhere.
+    destination_url: str | None = Field(None, pattern=r"^https?://")
+    # Extra request headers, e.g. {"Authorization": "Bearer ..."}; never logged.
+    destination_headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    attempts: int = Field(5, ge=1, le=100)
+    backoff_s: float = Field(2.0, ge=0, le=600)  # before the second attempt; doubles each time
+    timeout_s: float = Field(60.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
 
@@ -135,6 +155,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     worker: WorkerSettings = WorkerSettings()
     grpc: GrpcSettings = GrpcSettings()
+    dicomweb: DicomWebSettings = DicomWebSettings()
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -89,6 +89,14 @@ class UnsupportedFormat(ServiceError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class UnsupportedMediaType(ServiceError):
+    """A request body of a media type the endpoint does not take (STOW-RS answers 415 for these, PS3.18 10.5.3)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+    grpc_status = "INVALID_ARGUMENT"
+
+
 class InvalidImage(ServiceError):
     """A recognised format whose content is broken or cannot be segmented (truncated, bad header,
     no pixel data, a transfer syntax no installed decoder handles, mixed series)."""
@@ -106,6 +114,23 @@ class JobNotFound(ServiceError):
     """Unknown, expired or deleted job (the same answer for all three: ids reveal nothing)."""
 
     code = "job_not_found"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class ResultNotReady(ServiceError):
+    """A result or one of its formats was asked for while the job is still queued or running, or it failed."""
+
+    code = "result_not_ready"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class OutputNotAvailable(ServiceError):
+    """The job succeeded but this format cannot be made for it: DICOM SEG of a non-DICOM input, a slice outside
+    the volume, or what the format needs was not kept or has expired."""
+
+    code = "output_not_available"
     http_status = 404
     grpc_status = "NOT_FOUND"
 
@@ -172,10 +197,14 @@ ERRORS: tuple[type[ServiceError], ...] = (
     InvalidRequest,
     PayloadTooLarge,
     ImageTooLarge,
+    ResponseTooLarge,
     UnsupportedFormat,
+    UnsupportedMediaType,
     InvalidImage,
     UnsupportedTransferSyntax,
     JobNotFound,
+    ResultNotReady,
+    OutputNotAvailable,
     QueueFull,
     Unavailable,
     DeliveryLimit,

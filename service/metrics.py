@@ -52,6 +52,12 @@ class Metrics:
         self.stream_pending = Gauge("c2p_stream_pending", "Entries delivered and not yet acknowledged", registry=r)
         self.dead_letters = Gauge("c2p_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.redeliveries = Counter("c2p_redeliveries", "Jobs reclaimed from a silent worker", registry=r)
+        self.forwarded = Counter(
+            "c2p_forwarded",
+            "DICOM SEG objects sent on to the DICOMweb destination, by outcome",
+            ["outcome"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 MAGIC = b"C2PP"
 VERSION = 1
@@ -153,12 +154,38 @@ def _inflate(stored: memoryview, raw_len: int, index: int) -> bytes:
     return out
 
 
-def unpack(blob: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
-    """The files of a packed value; ValueError for anything malformed or larger than ``max_bytes`` raw."""
-    view = memoryview(blob)
-    size = len(view)
+@dataclass(frozen=True)
+class Entry:
+    """One member as the header declares it; ``offset`` is where its stored bytes start in the value."""
+
+    index: int
+    name: str
+    flags: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    crc: int
+
+
+class HeaderIncomplete(ValueError):
+    """The bytes given end inside the header: read at least ``needed`` bytes of the value and parse again."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"the header needs at least {needed} bytes")
+        self.needed = needed
+
+
+def read_index(head: bytes | memoryview, size: int, max_bytes: int) -> list[Entry]:
+    """The members of a packed value of ``size`` bytes from its first bytes (``head``), without the rest.
+
+    What a ranged reader needs (Redis GETRANGE): one member can then be fetched and inflated alone. ValueError
+    for anything malformed or larger than ``max_bytes`` raw; HeaderIncomplete when ``head`` is too short.
+    """
+    view = memoryview(head)
     if size < _HEAD.size:
         raise ValueError(f"payload truncated: {size} bytes, shorter than its header")
+    if len(view) < _HEAD.size:
+        raise HeaderIncomplete(_HEAD.size)
     magic, version, count = _HEAD.unpack_from(view, 0)
     if magic != MAGIC:
         raise ValueError("payload has a bad magic number: not a c2p payload")
@@ -167,16 +194,20 @@ def unpack(blob: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
     if count * (_NAME_LEN.size + _ENTRY.size) > size - _HEAD.size:
         raise ValueError(f"payload truncated: {count} members cannot fit in {size} bytes")
 
+    def need(end: int, index: int) -> None:
+        if end > size:
+            raise ValueError(f"payload truncated in the header of member {index}")
+        if end > len(view):
+            raise HeaderIncomplete(max(end, 2 * len(view)))
+
     offset = _HEAD.size
-    entries: list[tuple[str, int, int, int, int]] = []
+    declared: list[tuple[str, int, int, int, int]] = []
     total_stored = total_raw = 0
     for index in range(count):
-        if offset + _NAME_LEN.size > size:
-            raise ValueError(f"payload truncated in the header of member {index}")
+        need(offset + _NAME_LEN.size, index)
         (name_len,) = _NAME_LEN.unpack_from(view, offset)
         offset += _NAME_LEN.size
-        if offset + name_len + _ENTRY.size > size:
-            raise ValueError(f"payload truncated in the header of member {index}")
+        need(offset + name_len + _ENTRY.size, index)
         try:
             name = bytes(view[offset : offset + name_len]).decode("utf-8")
         except UnicodeDecodeError:
@@ -192,18 +223,30 @@ def unpack(blob: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
         total_raw += raw_len
         if total_raw > max_bytes:
             raise PayloadOverLimit(f"payload holds more than {max_bytes} bytes once decompressed")
-        entries.append((name, flags, stored_len, raw_len, crc))
+        declared.append((name, flags, stored_len, raw_len, crc))
 
     if offset + total_stored != size:
         what = "truncated" if offset + total_stored > size else "followed by unexpected bytes"
         raise ValueError(f"payload {what}: members declare {total_stored} bytes, {size - offset} are there")
-
-    files: list[tuple[str, bytes]] = []
-    for index, (name, flags, stored_len, raw_len, crc) in enumerate(entries):
-        stored = view[offset : offset + stored_len]
+    entries = []
+    for index, (name, flags, stored_len, raw_len, crc) in enumerate(declared):
+        entries.append(Entry(index, name, flags, offset, stored_len, raw_len, crc))
         offset += stored_len
-        data = _inflate(stored, raw_len, index) if flags & FLAG_ZLIB else bytes(stored)
-        if zlib.crc32(data) != crc:
-            raise ValueError(f"payload member {index} fails its CRC-32 check: the value is corrupted")
-        files.append((name, data))
-    return files
+    return entries
+
+
+def extract(entry: Entry, stored: bytes | memoryview) -> bytes:
+    """One member's bytes from its stored bytes, inflated within its declared size and checked by CRC."""
+    if len(stored) != entry.stored_len:
+        raise ValueError(f"payload member {entry.index}: {len(stored)} stored bytes, {entry.stored_len} declared")
+    data = _inflate(memoryview(stored), entry.raw_len, entry.index) if entry.flags & FLAG_ZLIB else bytes(stored)
+    if zlib.crc32(data) != entry.crc:
+        raise ValueError(f"payload member {entry.index} fails its CRC-32 check: the value is corrupted")
+    return data
+
+
+def unpack(blob: bytes, max_bytes: int) -> list[tuple[str, bytes]]:
+    """The files of a packed value; ValueError for anything malformed or larger than ``max_bytes`` raw."""
+    view = memoryview(blob)
+    entries = read_index(view, len(view), max_bytes)
+    return [(e.name, extract(e, view[e.offset : e.offset + e.stored_len])) for e in entries]

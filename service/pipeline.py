@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,12 +32,10 @@ Progress = Callable[[int, int], None]  # (slices done, slices in all)
 
 @dataclass
 class Segmentation:
-    """A result plus what the file writers need beyond the JSON (the masks as arrays, the volume's grid)."""
+    """A result plus the decoded volume, which the derived formats need beyond the JSON (service.outputs)."""
 
     result: SegmentationResult
     volume: Volume
-    masks: np.ndarray | None = None  # uint8 [Z, Y, X], kept only when asked (local command, NIfTI/PNG output)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def model_info(engine: Engine, kind: str) -> ModelInfo:
@@ -73,7 +71,6 @@ class Pipeline:
         modality_hint: str | None = None,
         *,
         queued_ms: float = 0.0,
-        keep_masks: bool = False,
         progress: Progress | None = None,
     ) -> Segmentation:
         start = time.perf_counter()
@@ -89,20 +86,17 @@ class Pipeline:
         threshold = self.settings.worker.threshold
         suppress = self.settings.worker.suppress_outliers
 
-        def encode_all() -> tuple[list[SliceMask], np.ndarray | None]:
-            masks = np.zeros((z, height, width), dtype=np.uint8) if keep_masks else None
+        def encode_all() -> list[SliceMask]:
             encoded = []
             for index, out in enumerate(outputs):
                 mask = mask_on_grid(out.prob, height, width, threshold)
                 if outliers[index] and suppress:
                     mask[:] = 0
-                if masks is not None:
-                    masks[index] = mask
                 coded = rle.encode(mask)
                 encoded.append(SliceMask(index=index, counts=coded["counts"], area=int(mask.sum())))
-            return encoded, masks
+            return encoded
 
-        encoded, masks = await self._in_thread(encode_all)
+        encoded = await self._in_thread(encode_all)
         report = build_reliability(outputs, [s.area for s in encoded], outliers, suppress)
         done = time.perf_counter()
 
@@ -127,7 +121,7 @@ class Pipeline:
                 encode_ms=round((done - inferred) * 1000, 2),
             ),
         )
-        return Segmentation(result=result, volume=volume, masks=masks)
+        return Segmentation(result=result, volume=volume)
 
     async def _infer(self, volume: Volume, plan: Any, progress: Progress | None) -> list[SliceOutputs]:
         """Feed slices to the batcher, at most ``window`` in flight, preparing the next ones meanwhile."""

@@ -7,6 +7,8 @@ Keys under ``settings.prefix`` (``p``)::
     {p}:job:{id}      record hash: status, created_at, updated_at, deliveries, meta, stream_id, ...
     {p}:payload:{id}  the packed upload (service.payload), TTL payload_ttl_s, deleted when the job ends
     {p}:result:{id}   the result JSON, TTL result_ttl_s
+    {p}:outputs:{id}  what the derived formats need beyond the result (service.outputs), packed like a payload,
+                      TTL result_ttl_s, written before the job completes; read by ranges, one member at a time
     {p}:done:{id}     pub/sub channel told when the job ends (or is deleted)
 
 Every state change that touches more than one key is a Lua script, because a crash (or a Redis
@@ -44,12 +46,13 @@ from service.errors import (
     DeliveryLimit,
     InvalidRequest,
     JobNotFound,
+    OutputNotAvailable,
     PayloadTooLarge,
     QueueFull,
     ServiceError,
     Unavailable,
 )
-from service.schema import ErrorInfo, Job, SegmentationResult
+from service.schema import ErrorInfo, Forwarding, Job, SegmentationResult
 
 # secrets.token_urlsafe(16): 22 characters of the URL-safe base64 alphabet. Anything else is refused
 # before it reaches a key name.
@@ -228,9 +231,10 @@ return 1
 """
 )
 
-# KEYS: stream, record, payload, result. ARGV: group, channel. Whatever state the job is in, its entry
-# goes too: a queued job is never delivered, a running one's worker finds the record gone.
-# KEYS: stream, record, payload, result. ARGV: group, channel, required status ("" = any). 0 gone, 2 wrong status.
+# Whatever state the job is in, its entry goes too: a queued job is never delivered, a running one's worker
+# finds the record gone.
+# KEYS: stream, record, payload, result, outputs. ARGV: group, channel, required status ("" = any).
+# 0 gone, 2 wrong status.
 _DELETE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
@@ -239,7 +243,7 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], 'status') ~= ARGV[3] then
   return 2
 end
 local id = redis.call('HGET', KEYS[2], 'stream_id')
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 if id then
   redis.pcall('XACK', KEYS[1], ARGV[1], id)
   redis.call('XDEL', KEYS[1], id)
@@ -255,6 +259,15 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 redis.call('HSET', KEYS[1], 'last_error_code', ARGV[1], 'last_error_message', ARGV[2], 'updated_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: record. ARGV: field, value. Never creates a record that was deleted.
+_SET_FIELD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
@@ -350,6 +363,7 @@ class JobQueue:
         self._complete = client.register_script(_COMPLETE)
         self._fail = client.register_script(_FAIL)
         self._delete = client.register_script(_DELETE)
+        self._set_field = client.register_script(_SET_FIELD)
         self._note_error = client.register_script(_NOTE_ERROR)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._release = client.register_script(_RELEASE)
@@ -366,6 +380,9 @@ class JobQueue:
 
     def result_key(self, job_id: str) -> str:
         return f"{self._prefix}:result:{job_id}"
+
+    def outputs_key(self, job_id: str) -> str:
+        return f"{self._prefix}:outputs:{job_id}"
 
     def channel(self, job_id: str) -> str:
         return f"{self._prefix}:done:{job_id}"
@@ -400,7 +417,7 @@ class JobQueue:
         job_id = new_job_id()
         now = _now()
         # The payload exists before the entry does, so no worker can see the entry without it.
-        await self._store_payload(self.payload_key(job_id), files)
+        await self._store_packed(self.payload_key(job_id), files, self.settings.payload_ttl_s)
         entry = await self._submit(
             keys=[self.stream, self.record_key(job_id), self.payload_key(job_id)],
             args=[settings.max_pending, job_id, now, meta_json, self._record_ttl],
@@ -410,7 +427,7 @@ class JobQueue:
         created = datetime.fromisoformat(now)
         return Job(id=job_id, status="queued", created_at=created, updated_at=created, deliveries=0)
 
-    async def _store_payload(self, key: str, files: Sequence[tuple[str, bytes]]) -> None:
+    async def _store_packed(self, key: str, files: Sequence[tuple[str, bytes]], ttl: int) -> None:
         """Write the packed upload in chunks: reserve the header, append the members, write the header.
 
         A 150 MB volume is never built a second time in memory, and the socket's send buffer never
@@ -420,7 +437,6 @@ class JobQueue:
             packer = payload_codec.StreamPacker(files)
         except ValueError as exc:  # a file name too long for the container
             raise InvalidRequest(str(exc)) from exc
-        ttl = self.settings.payload_ttl_s
         chunks = packer.chunks()
         pending: list[bytes] = []
         pending_bytes = 0
@@ -470,6 +486,7 @@ class JobQueue:
             deliveries=int(record.get("deliveries") or 0),
             error=error,
             result=result,
+            forwarding=Forwarding.model_validate_json(record["forwarding"]) if record.get("forwarding") else None,
         )
 
     @_redis_errors
@@ -489,10 +506,51 @@ class JobQueue:
         self._check_id(job_id)
         return await self._delete_when(job_id, "queued") == 1
 
+    @_redis_errors
+    async def outputs(self, job_id: str, wanted: Callable[[str], bool], max_bytes: int) -> dict[str, bytes]:
+        """The members of the job's kept outputs whose names ``wanted`` accepts, each read by its own range.
+
+        A viewer scrolling a 300-slice volume asks for one slice's preview at a time: only that member's bytes
+        leave Redis and get inflated, never the whole value. Empty when nothing was kept (expired, or the
+        worker kept none); a value that fails to parse is reported, not trusted.
+        """
+        self._check_id(job_id)
+        key = self.outputs_key(job_id)
+        size = int(await self._client.strlen(key))
+        if size == 0:
+            return {}
+        head_len = min(size, 64 * 1024)
+        while True:
+            head = await self._client.getrange(key, 0, head_len - 1)
+            try:
+                entries = payload_codec.read_index(head, size, max_bytes)
+                break
+            except payload_codec.HeaderIncomplete as more:
+                if head_len >= size:
+                    raise OutputNotAvailable("the kept outputs are truncated") from None
+                head_len = min(size, more.needed)
+            except ValueError as exc:
+                raise OutputNotAvailable(f"the kept outputs cannot be read: {exc}") from exc
+        chosen = [entry for entry in entries if wanted(entry.name)]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry in chosen:
+                pipe.getrange(key, entry.offset, entry.offset + entry.stored_len - 1)
+            stored = await pipe.execute() if chosen else []
+        try:
+            return {e.name: payload_codec.extract(e, s) for e, s in zip(chosen, stored, strict=True)}
+        except ValueError as exc:  # changed under us (deleted and rewritten) or corrupted
+            raise OutputNotAvailable(f"the kept outputs cannot be read: {exc}") from exc
+
     async def _delete_when(self, job_id: str, status: str) -> int:
         return int(
             await self._delete(
-                keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.result_key(job_id)],
+                keys=[
+                    self.stream,
+                    self.record_key(job_id),
+                    self.payload_key(job_id),
+                    self.result_key(job_id),
+                    self.outputs_key(job_id),
+                ],
                 args=[self.group, self.channel(job_id), status],
             )
         )
@@ -717,6 +775,27 @@ class JobQueue:
         )
 
     @_redis_errors
+    @_redis_errors
+    async def store_outputs(self, job_id: str, members: Sequence[tuple[str, bytes]]) -> None:
+        """Keep what the derived formats need (service.outputs) for as long as the result; before ``complete``, so
+        a caller who sees the job succeed finds them."""
+        self._check_id(job_id)
+        await self._store_packed(self.outputs_key(job_id), members, self.settings.result_ttl_s)
+
+    @_redis_errors
+    async def drop_outputs(self, job_id: str) -> None:
+        """For a job deleted while it ran: what it kept must not outlive it (patient data). Not for a duplicate
+        delivery that lost the race: the winner wrote the same key."""
+        self._check_id(job_id)
+        await self._client.delete(self.outputs_key(job_id))
+
+    @_redis_errors
+    async def note_forwarding(self, job_id: str, forwarding: Forwarding) -> bool:
+        """Record how sending the job's DICOM SEG on is going; False when the job is gone (deleted, expired)."""
+        self._check_id(job_id)
+        done = await self._set_field(keys=[self.record_key(job_id)], args=["forwarding", forwarding.model_dump_json()])
+        return bool(done)
+
     async def complete(self, delivery: Delivery, result_json: str) -> bool:
         """Store the result, mark the job succeeded, acknowledge, notify: one atomic step.
 

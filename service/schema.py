@@ -112,11 +112,23 @@ class SegmentationResult(_Model):
     timings: Timings
 
 
+class Forwarding(_Model):
+    """Sending the finished DICOM SEG to the configured DICOMweb destination (jobs that came in by STOW-RS)."""
+
+    status: Literal["pending", "sent", "failed"]
+    attempts: int = 0
+    destination: str = Field(description="the DICOMweb root it goes to, without credentials")
+    sop_instance_uid: str | None = Field(None, description="the SEG instance sent")
+    error: str | None = Field(None, description="the last attempt's failure")
+    updated_at: datetime
+
+
 class Job(_Model):
     id: str
     status: JobStatus
     created_at: datetime
     updated_at: datetime
-    deliveries: int = 0
+    deliveries: int = Field(0, description="times a worker took the job (more than 1 after a crash or hand-back)")
     error: ErrorInfo | None = None
     result: SegmentationResult | None = None
+    forwarding: Forwarding | None = None

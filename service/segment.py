@@ -1,8 +1,9 @@
 """``c2p segment INPUT... --out DIR``: the service's pipeline on local files, no server, no Redis.
 
 Each input (a file, or a folder holding one DICOM series) gives ``DIR/<name>.json`` in the result
-schema, plus a NIfTI labelmap and/or a PNG overlay when asked. Same decoder, batcher, engine and
-report as the worker, so a local run and a served request give the same masks.
+schema, plus a DICOM SEG, a NIfTI labelmap and/or a PNG overlay when asked. Same decoder, batcher, engine,
+report and output writers (service.outputs) as the worker and gateway, so a local run and a served request give
+the same files.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from service import outputs
 from service.batcher import DynamicBatcher
-from service.codecs import writers
 from service.config import Settings
 from service.engine import Engine
 from service.errors import InvalidRequest, ServiceError
 from service.inputs import Upload
 from service.pipeline import Pipeline
 
-FORMATS = ("json", "nifti", "png")
+FORMATS = outputs.FORMATS
 SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".zip")
 
 
@@ -62,7 +63,7 @@ async def _segment_all(
     executor = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="c2p-decode")
     batcher = DynamicBatcher(engine.run, settings.engine.max_batch_size, settings.worker.max_queue_delay_ms)
     pipeline = Pipeline(engine, settings, executor, batcher)
-    keep = "nifti" in formats or "png" in formats
+    keep = "png" in formats or "dicom-seg" in formats  # what needs more than the result
     summary: list[dict[str, object]] = []
     failures = 0
     try:
@@ -77,21 +78,27 @@ async def _segment_all(
 
             try:
                 files = read_input(path)
-                segmentation = await pipeline.run(files, modality, keep_masks=keep, progress=advance)
+                segmentation = await pipeline.run(files, modality, progress=advance)
             except ServiceError as err:
                 failures += 1
                 summary.append({"input": str(path), "error": err.body()})
                 continue
             finally:
                 bar.close()
+            result = segmentation.result
             written = [out / f"{name}.json"]
-            written[0].write_text(segmentation.result.model_dump_json(indent=1))
-            if "nifti" in formats:
-                written.append(out / f"{name}.nii.gz")
-                written[-1].write_bytes(writers.nifti(segmentation))
-            if "png" in formats:
-                written.append(out / f"{name}.png")
-                written[-1].write_bytes(writers.overlay_png(segmentation))
+            written[0].write_text(result.model_dump_json(indent=1))
+            members = dict(outputs.kept_members(segmentation.volume, result)) if keep else {}
+            try:
+                for fmt in formats:
+                    if fmt != "json":
+                        data = outputs.render(fmt, result, members)
+                        written.append(out / f"{name}{outputs.EXTENSIONS[fmt]}")
+                        written[-1].write_bytes(data)
+            except ServiceError as err:  # a format this input cannot have (DICOM SEG of a PNG)
+                failures += 1
+                summary.append({"input": str(path), "outputs": [str(p) for p in written], "error": err.body()})
+                continue
             reliability = segmentation.result.reliability
             summary.append(
                 {

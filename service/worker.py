@@ -23,14 +23,16 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import presence
+from service import outputs, presence
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
 from service.errors import JobNotFound, ServiceError, Unavailable
+from service.forwarding import Forwarder
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.queue import Delivery, JobQueue
+from service.schema import SegmentationResult
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class Worker:
             self._run_batch, settings.engine.max_batch_size, settings.worker.max_queue_delay_ms
         )
         self.pipeline = Pipeline(engine, settings, self.executor, self.batcher)
+        self.forwarder = (
+            Forwarder(settings.dicomweb, self.queue, self.metrics) if settings.dicomweb.destination_url else None
+        )
         self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
         self.stopping = asyncio.Event()  # no new jobs
         self.closed = asyncio.Event()  # jobs drained: background loops end
@@ -110,6 +115,8 @@ class Worker:
             with contextlib.suppress(RedisError):
                 await presence.withdraw(self.client, self.settings.queue.prefix, self.consumer)
             await self.batcher.close()
+            if self.forwarder is not None:
+                await self.forwarder.close(self.settings.worker.drain_timeout_s)
             self.executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped", self.consumer)
 
@@ -172,8 +179,18 @@ class Worker:
             self.metrics.decode_duration.observe(timings.decode_ms / 1000)
             self.metrics.infer_duration.observe(timings.inference_ms / 1000)
             self.metrics.encode_duration.observe(timings.encode_ms / 1000)
+            forward = self.forwarder is not None and bool(delivery.meta.get("deliver"))
+            members: list[tuple[str, bytes]] = []
+            if self.settings.worker.keep_outputs or forward:
+                members = await asyncio.to_thread(outputs.kept_members, segmentation.volume, segmentation.result)
+            if self.settings.worker.keep_outputs:
+                await self.queue.store_outputs(delivery.job_id, members)
             stored = await self.queue.complete(delivery, segmentation.result.model_dump_json())
             self.metrics.jobs.labels("succeeded" if stored else "duplicate").inc()
+            if not stored and self.settings.worker.keep_outputs:
+                await self._drop_outputs_if_deleted(delivery.job_id)
+            if stored and forward:
+                await self._forward(delivery.job_id, segmentation.result, dict(members))
         except JobNotFound:
             # Deleted by its owner or expired while queued: there is nobody to answer.
             await self.queue.fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
@@ -192,6 +209,24 @@ class Worker:
         except Exception as err:  # a bug or a crashing engine: retry elsewhere, dead-letter after the limit
             log.exception("job %s: unexpected error (delivery %d)", delivery.job_id, delivery.deliveries)
             await self._hand_back(delivery, "internal", f"{type(err).__name__}: {err}")
+
+    async def _forward(self, job_id: str, result: SegmentationResult, members: dict[str, bytes]) -> None:
+        """Make the DICOM SEG now, while the headers are in memory, and hand it to the background sender."""
+        assert self.forwarder is not None
+        try:
+            seg = await asyncio.to_thread(outputs.render, "dicom-seg", result, members)
+        except ServiceError as err:
+            await self.forwarder.failed(job_id, f"no DICOM SEG could be made: {err.message}")
+            return
+        self.forwarder.send(job_id, seg)
+
+    async def _drop_outputs_if_deleted(self, job_id: str) -> None:
+        """A job deleted while it ran must not leave its kept outputs behind; a duplicate that lost the race must
+        not remove the winner's (the same key)."""
+        try:
+            await self.queue.get(job_id)
+        except JobNotFound:
+            await self.queue.drop_outputs(job_id)
 
     async def _hand_back(self, delivery: Delivery, code: str, message: str) -> None:
         try:

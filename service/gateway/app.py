@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
@@ -22,15 +21,15 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import presence
+from service import outputs, presence
 from service.config import Settings
-from service.errors import InvalidRequest, ServiceError, Unavailable, from_code
-from service.gateway import kserve
+from service.errors import InvalidRequest, ResultNotReady, ServiceError, Unavailable, from_code
+from service.gateway import dicomweb, kserve, ui
 from service.gateway.uploads import BodyLimit, read_files
-from service.inputs import probe
 from service.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import ErrorInfo, Job
+from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +157,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
             raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
         hint = _modality(modality)
         files = await read_files(request, settings.limits)
-        header = await run_in_threadpool(probe, files, settings.limits, hint)
-        meta = {
-            "format": header.format,
-            "modality": header.modality,
-            "shape": list(header.shape),
-            "files": header.files,
-            "modality_hint": hint,
-            "submitted_at": datetime.now(UTC).isoformat(),
-        }
         queue = queue_of(request)
-        job = await queue.submit(files, meta)
+        job = await submit_upload(queue, files, settings.limits, hint)
         del files
         location = f"/v1/segmentations/{job.id}"
         if wait:
@@ -185,6 +175,45 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
     @app.get("/v1/segmentations/{job_id}", response_model=Job, responses=ERROR_RESPONSES)
     async def get_job(request: Request, job_id: str) -> Job:
         return await queue_of(request).get(job_id)
+
+    @app.get(
+        "/v1/segmentations/{job_id}/result",
+        responses={
+            200: {
+                "description": "the result in the format asked for",
+                "content": {media: {} for media in outputs.MEDIA_TYPES.values()},
+            },
+            409: {"model": ErrorInfo, "description": "the job is still queued or running"},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def get_result(
+        request: Request,
+        job_id: str,
+        fmt: Annotated[str, Query(alias="format", description="json, dicom-seg, nifti or png")] = "json",
+        index: Annotated[int | None, Query(alias="slice", ge=0, description="png: slice (default: largest)")] = None,
+    ) -> Response:
+        """The finished result as JSON, a DICOM SEG (DICOM inputs), a NIfTI labelmap on the input's grid, or a PNG
+        overlay of one slice; made on request from the result and what the worker kept with it."""
+        outputs.check_format(fmt)
+        if index is not None and fmt != "png":
+            raise InvalidRequest("slice applies to format=png only")
+        queue = queue_of(request)
+        job = await queue.get(job_id)
+        if job.status == "failed" and job.error is not None:
+            return error_response(from_code(job.error.code, job.error.message), job.id)
+        if job.status != "succeeded" or job.result is None:
+            raise ResultNotReady(f"the job is {job.status}; ask again when it has succeeded")
+        result = job.result
+        budget = 4 * settings.limits.max_voxels + settings.limits.max_upload_bytes  # preview + headers, raw
+        members = await queue.outputs(job_id, outputs.needed(fmt, index, result), budget)
+        body = await run_in_threadpool(outputs.render, fmt, result, members, index)
+        name = f"{job_id}{outputs.EXTENSIONS[fmt]}"
+        return Response(
+            body,
+            media_type=outputs.MEDIA_TYPES[fmt],
+            headers={"Content-Disposition": f'inline; filename="{name}"', "Cache-Control": "private, max-age=60"},
+        )
 
     @app.delete("/v1/segmentations/{job_id}", status_code=204, responses=ERROR_RESPONSES)
     async def delete_job(request: Request, job_id: str) -> Response:
@@ -209,6 +238,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         return {"ready": True, "workers": len(workers), "models": sorted({w.get("model", "") for w in workers})}
 
     app.include_router(kserve.router)
+    app.include_router(dicomweb.router)
+    app.include_router(ui.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

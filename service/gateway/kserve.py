@@ -37,7 +37,6 @@ import time
 import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
@@ -65,10 +64,11 @@ from service.errors import (
     from_code,
 )
 from service.gateway.uploads import declared_length
-from service.inputs import probe, tensor
+from service.inputs import tensor
 from service.inputs.probe import normalise_hint
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job, SegmentationResult
+from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -610,18 +610,10 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     raw = await _read_body(request, settings.limits)
     inference = await run_in_threadpool(parse_inference, raw, request.headers.get(HEADER_LENGTH), settings)
     del raw
-    header = await run_in_threadpool(probe, [inference.upload], settings.limits, inference.modality)
-    meta = {
-        "format": header.format,
-        "modality": header.modality,
-        "shape": list(header.shape),
-        "files": header.files,
-        "modality_hint": inference.modality,
-        "submitted_at": datetime.now(UTC).isoformat(),
-        "layout": inference.layout,
-    }
     queue = JobQueue(request.app.state.redis, settings.queue)
-    submitted = await queue.submit([inference.upload], meta)
+    submitted = await submit_upload(
+        queue, [inference.upload], settings.limits, inference.modality, layout=inference.layout
+    )
     inference.upload = ("", b"")  # the queue holds it now; do not keep a second copy for the whole wait
     wait_s = settings.queue.max_wait_s
     if inference.timeout_s is not None:

@@ -16,7 +16,7 @@ from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge
 from service.inputs import Upload
 
 FIELD = "file"
-UPLOAD_PATHS = ("/v1/segmentations", "/v2/models/")
+UPLOAD_PATHS = ("/v1/segmentations", "/v2/models/", "/dicomweb/")
 
 
 class BodyLimit:

@@ -31,7 +31,6 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -70,10 +69,11 @@ from service.gateway.kserve import (
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
 from service.grpc.server import Registration, check_response_size, error_metadata, ready, status_code
-from service.inputs import Upload, probe, tensor
+from service.inputs import Upload, tensor
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job
+from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -305,17 +305,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if request.model_name != ALIAS or request.model_version:
                 await self._resolve(request.model_name, request.model_version or None, fresh=False)
             inference = await asyncio.to_thread(parse_request, request, self.settings)
-            header = await asyncio.to_thread(probe, [inference.upload], self.settings.limits, inference.modality)
-            meta = {
-                "format": header.format,
-                "modality": header.modality,
-                "shape": list(header.shape),
-                "files": header.files,
-                "modality_hint": inference.modality,
-                "submitted_at": datetime.now(UTC).isoformat(),
-                "layout": inference.layout,
-            }
-            submitted = await self.queue.submit([inference.upload], meta)
+            submitted = await submit_upload(
+                self.queue, [inference.upload], self.settings.limits, inference.modality, layout=inference.layout
+            )
             inference.upload = ("", b"")  # the queue holds it now: no second copy for the whole wait
             call.job_id = submitted.id
             job = await self._wait(submitted.id, inference.timeout_s, context)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -24,11 +23,12 @@ from service.gateway.app import MODALITIES
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.convert import job_to_proto
 from service.grpc.server import API, JOB_ID_KEY, abort, check_response_size, service_errors
-from service.inputs import Upload, probe
+from service.inputs import Upload
 from service.inputs.probe import normalise_hint
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job
+from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
         hint = _modality(modality)
-        header = await asyncio.to_thread(probe, files, self.settings.limits, hint)
-        meta = {
-            "format": header.format,
-            "modality": header.modality,
-            "shape": list(header.shape),
-            "files": header.files,
-            "modality_hint": hint,
-            "submitted_at": datetime.now(UTC).isoformat(),
-        }
-        job = await self.queue.submit(files, meta)
+        job = await submit_upload(self.queue, files, self.settings.limits, hint)
         del files
         if wait_s > 0:
             job = await self._wait(job, wait_s, context)

@@ -34,6 +34,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from service.codecs.dicom_seg import header_only
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedTransferSyntax
 from service.inputs.sniff import inflated_size, quiet
@@ -737,6 +738,7 @@ def decode(members: list[Member], limits: LimitSettings, modality_hint: str | No
     colour = first.colour
     rgb = np.empty((*shape, 3), np.uint8) if colour else None
     grey = None if colour else _GreyStore(headers, shape)
+    kept: list[Dataset] = []  # each instance's header without pixels: what a DICOM SEG must reference and copy
     for i, h in enumerate(headers):
         try:
             with quiet():
@@ -746,6 +748,7 @@ def decode(members: list[Member], limits: LimitSettings, modality_hint: str | No
                         rgb[slot[(i, f)]] = _colour_values(frame, ds, h)
                     else:
                         grey.put(slot[(i, f)], _grey_values(frame, ds, h, f, grey))  # type: ignore[union-attr]
+                kept.append(header_only(ds))
         except BaseException as exc:
             if isinstance(exc, ServiceError) or not _decoder_failed(exc):
                 raise
@@ -759,7 +762,11 @@ def decode(members: list[Member], limits: LimitSettings, modality_hint: str | No
         window = (grey.declared[0] + grey.declared[1] - window[0], window[1])
     spacing, affine, orientation = _geometry(first, order)
     instances = [
-        {"sop_instance_uid": headers[i].uids["sop_instance_uid"], "frame": f + 1 if headers[i].multiframe else None}
+        {
+            "sop_instance_uid": headers[i].uids["sop_instance_uid"],
+            "header": i,
+            "frame": f + 1 if headers[i].multiframe else None,
+        }
         for i, f in order.slices
     ]
     source = {key: first.uids[key] for key in ("study_uid", "series_uid", "frame_of_reference_uid", "sop_class_uid")}
@@ -772,5 +779,5 @@ def decode(members: list[Member], limits: LimitSettings, modality_hint: str | No
         affine=affine,
         window=None if colour else window,
         photometric=first.photometric,
-        source={**source, "instances": instances},
+        source={**source, "instances": instances, "headers": kept},
     )

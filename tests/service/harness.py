@@ -78,3 +78,43 @@ def disc_image(size: tuple[int, int] = (96, 128), radius: int = 20) -> np.ndarra
     image = np.full(size, 40, dtype=np.uint8)
     image[(yy - size[0] // 2) ** 2 + (xx - size[1] // 2) ** 2 < radius**2] = 200
     return image
+
+
+@contextlib.asynccontextmanager
+async def serving_http(settings: Settings, engine: Engine | None, port: int | None = None) -> AsyncIterator[str]:
+    """The gateway under uvicorn on a loopback port (free unless given), with a worker on the same loop: for peers
+    that need a real socket (a PACS pushing STOW-RS, a browser). Yields the base URL."""
+    import uvicorn
+
+    port = port or free_port()
+    client = aioredis.Redis.from_url(settings.redis_url)
+    metrics = Metrics()
+    app = create_app(settings, metrics, client)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    serve = asyncio.create_task(server.serve())
+    runner = Worker(settings, engine, client, metrics, consumer="http-test-worker") if engine else None
+    work = asyncio.create_task(runner.run()) if runner else None
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            await asyncio.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        if runner is not None:
+            await asyncio.wait_for(runner.ready.wait(), 10)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if runner is not None and work is not None:
+            runner.stop()
+            await asyncio.wait_for(work, 30)
+        server.should_exit = True
+        await asyncio.wait_for(serve, 15)
+        await client.aclose()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -150,7 +150,9 @@ def test_ct_small_is_rescaled_into_int16_with_its_geometry() -> None:
     assert np.allclose(volume.affine[:3, 0], iop[:3] * dx) and np.allclose(volume.affine[:3, 1], iop[3:] * dy)
     assert np.allclose(volume.affine[:3, 3], np.array(ds.ImagePositionPatient, float))
     assert volume.source["series_uid"] == ds.SeriesInstanceUID
-    assert volume.source["instances"] == [{"sop_instance_uid": ds.SOPInstanceUID, "frame": None}]
+    assert volume.source["instances"] == [{"sop_instance_uid": ds.SOPInstanceUID, "header": 0, "frame": None}]
+    (kept,) = volume.source["headers"]  # the header a DICOM SEG will copy, without its pixels
+    assert kept.SOPInstanceUID == ds.SOPInstanceUID and "PixelData" not in kept
     assert "source" not in repr(volume) and ds.SOPInstanceUID not in repr(volume)
 
 

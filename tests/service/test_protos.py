@@ -32,6 +32,7 @@ from service.grpc.convert import (
 )
 from service.schema import (
     ErrorInfo,
+    Forwarding,
     InputInfo,
     Job,
     Mask,
@@ -190,6 +191,14 @@ def full_job() -> Job:
         deliveries=2,
         error=ErrorInfo(code="none", message="set only to cover the field"),
         result=result,
+        forwarding=Forwarding(
+            status="failed",
+            attempts=3,
+            destination="http://pacs.example/dicom-web/",
+            sop_instance_uid="1.2.3.4",
+            error="HTTP 503",
+            updated_at=created + dt.timedelta(seconds=2),
+        ),
     )
 
 

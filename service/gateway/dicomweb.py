@@ -1,0 +1,284 @@
+"""DICOMweb STOW-RS: PACS and modalities push studies here as they would to any archive.
+
+``POST /dicomweb/studies`` (and ``/dicomweb/studies/{study}``) takes ``multipart/related; type="application/dicom"``,
+groups the instances by series and queues one job per series through the same limits and queue as every other
+request. The answer is what a STOW-RS origin server sends (PS3.18 10.5): a DICOM JSON data set with the stored
+instances in ReferencedSOPSequence (0008,1199) and the refused ones in FailedSOPSequence (0008,1198) with a
+FailureReason (0008,1197); 200 when all were accepted, 202 when some were, 409 when none were. Each stored
+instance's RetrieveURL (0008,1190) points at the job of its series (``/v1/segmentations/{id}``), which is where
+the segmentation can be fetched, as JSON, DICOM SEG, NIfTI or PNG.
+
+With ``dicomweb.destination_url`` set, each job also asks its worker to send the finished DICOM SEG back to that
+DICOMweb server (service.delivery), which is how the result reaches the PACS the study came from.
+
+The body is parsed as it streams (python-multipart) with the upload limits applied to the whole request, and no
+part's preamble or meta header is trusted: each part is read by pydicom as untrusted bytes, headers only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from service.config import LimitSettings, Settings
+from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.gateway.uploads import declared_length
+from service.inputs.sniff import quiet
+from service.metrics import Metrics
+from service.queue import JobQueue
+from service.submit import submit_upload
+
+log = logging.getLogger(__name__)
+
+API = "stow-rs"
+MEDIA_DICOM = "application/dicom"
+MEDIA_DICOM_JSON = "application/dicom+json"
+
+# FailureReason values (PS3.4 B.2.3, PS3.18 table 10.5.3-2 and its references)
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+# Which reason a refused series' instances get, by the service's error code.
+REASONS = {
+    "payload_too_large": OUT_OF_RESOURCES,
+    "image_too_large": OUT_OF_RESOURCES,
+    "queue_full": OUT_OF_RESOURCES,
+    "unsupported_transfer_syntax": TRANSFER_SYNTAX_NOT_SUPPORTED,
+    "unsupported_format": SOP_CLASS_NOT_SUPPORTED,
+    "invalid_image": CANNOT_UNDERSTAND,
+    "invalid_request": CANNOT_UNDERSTAND,
+}
+
+UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+router = APIRouter(tags=["DICOMweb"])
+
+
+@dataclass
+class Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One part that parsed as DICOM: the identifiers STOW-RS answers with and groups by."""
+
+    index: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Failure:
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    reason: int
+    message: str  # logged, not sent: DICOM JSON has no place for it and it may quote file content
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The boundary of a ``multipart/related; type="application/dicom"`` body; anything else is refused."""
+    media, options = parse_options_header(content_type)
+    if media != b"multipart/related":
+        raise UnsupportedMediaType(f"STOW-RS takes multipart/related; type={MEDIA_DICOM!r}, not {media.decode()!r}")
+    kind = options.get(b"type", b"").decode("latin-1").strip('"').lower()
+    if kind and kind != MEDIA_DICOM:
+        raise UnsupportedMediaType(f"only {MEDIA_DICOM} parts are accepted (type={kind!r}); no metadata+bulk data")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("the multipart/related Content-Type has no boundary")
+    return boundary.strip(b'"')
+
+
+async def read_parts(request: Request, limits: LimitSettings) -> list[Part]:
+    """The parts of the streamed body, with the byte and file limits applied while it arrives."""
+    declared_length(request, limits.max_upload_bytes)
+    boundary = boundary_of(request.headers.get("content-type", ""))
+    parts: list[Part] = []
+    header_field = bytearray()
+    header_value = bytearray()
+    received = 0
+
+    def begin() -> None:
+        if len(parts) >= limits.max_files:
+            raise ImageTooLarge(
+                f"more than {limits.max_files} instances in one request; the limit is {limits.max_files}"
+            )
+        parts.append(Part())
+
+    def data(buffer: bytes, start: int, end: int) -> None:
+        parts[-1].chunks.append(bytes(buffer[start:end]))
+
+    def field_(buffer: bytes, start: int, end: int) -> None:
+        header_field.extend(buffer[start:end])
+
+    def value(buffer: bytes, start: int, end: int) -> None:
+        header_value.extend(buffer[start:end])
+
+    def header_end() -> None:
+        parts[-1].headers[header_field.decode("latin-1").lower()] = header_value.decode("latin-1").strip()
+        header_field.clear()
+        header_value.clear()
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": begin,
+            "on_part_data": data,
+            "on_header_field": field_,
+            "on_header_value": value,
+            "on_header_end": header_end,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limits.max_upload_bytes:
+                raise PayloadTooLarge(f"upload exceeds the limit of {limits.max_upload_bytes} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidRequest(f"the multipart/related body is malformed: {exc}") from exc
+    if not parts:
+        raise InvalidRequest("the request holds no DICOM parts")
+    return parts
+
+
+def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], list[Failure]]:
+    """Each part as an Instance, or a Failure with its reason. Headers only: pixels are the worker's business."""
+    instances: list[Instance] = []
+    failures: list[Failure] = []
+    for index, part in enumerate(parts):
+        media = part.headers.get("content-type", MEDIA_DICOM).split(";")[0].strip().lower()
+        if media != MEDIA_DICOM:
+            failures.append(Failure(None, None, CANNOT_UNDERSTAND, f"part {index + 1} is {media}, not {MEDIA_DICOM}"))
+            continue
+        data = part.data
+        try:
+            with quiet():
+                ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+            uids = [
+                str(ds.get(k, "") or "")
+                for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            ]
+        except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OverflowError, EOFError) as exc:
+            failures.append(Failure(None, None, CANNOT_UNDERSTAND, f"part {index + 1}: {type(exc).__name__}"))
+            continue
+        sop_class, sop_instance, study_uid, series_uid = uids
+        if not all(uids):
+            failures.append(
+                Failure(sop_class or None, sop_instance or None, CANNOT_UNDERSTAND, f"part {index + 1}: UIDs missing")
+            )
+            continue
+        if study is not None and study_uid != study:
+            failures.append(
+                Failure(sop_class, sop_instance, DOES_NOT_MATCH, f"part {index + 1}: another study than the URL's")
+            )
+            continue
+        instances.append(Instance(index, sop_class, sop_instance, study_uid, series_uid, data))
+    return instances, failures
+
+
+def by_series(instances: Sequence[Instance]) -> dict[str, list[Instance]]:
+    series: dict[str, list[Instance]] = {}
+    for instance in instances:
+        series.setdefault(instance.series_uid, []).append(instance)
+    return series
+
+
+def _sop_item(sop_class: str | None, sop_instance: str | None) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if sop_class:
+        item["00081150"] = {"vr": "UI", "Value": [sop_class]}
+    if sop_instance:
+        item["00081155"] = {"vr": "UI", "Value": [sop_instance]}
+    return item
+
+
+def stow_response(stored: Sequence[tuple[Instance, str]], failures: Sequence[Failure]) -> tuple[int, dict[str, Any]]:
+    """The status and DICOM JSON body; ``stored`` pairs each accepted instance with its job's URL."""
+    body: dict[str, Any] = {}
+    if stored:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                {**_sop_item(i.sop_class_uid, i.sop_instance_uid), "00081190": {"vr": "UR", "Value": [url]}}
+                for i, url in stored
+            ],
+        }
+    if failures:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {**_sop_item(f.sop_class_uid, f.sop_instance_uid), "00081197": {"vr": "US", "Value": [f.reason]}}
+                for f in failures
+            ],
+        }
+    status = 200 if not failures else 202 if stored else 409
+    return status, body
+
+
+async def store(request: Request, study: str | None) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
+    parts = await read_parts(request, settings.limits)
+    instances, failures = await run_in_threadpool(identify, parts, study)
+    del parts
+    queue: JobQueue = request.app.state.queue
+    deliver = settings.dicomweb.destination_url is not None
+    stored: list[tuple[Instance, str]] = []
+    for members in by_series(instances).values():
+        # Named by position, not by UID: names reach error messages, and UIDs identify a patient's study.
+        files = [(f"instance-{i.index + 1}.dcm", i.data) for i in members]
+        try:
+            job = await submit_upload(queue, files, settings.limits, None, source=API, deliver=deliver)
+        except ServiceError as err:
+            if err.http_status >= 500:
+                raise  # Redis away: the whole request is retried by the sender, nothing half-stored matters
+            reason = REASONS.get(err.code, PROCESSING_FAILURE)
+            failures += [Failure(i.sop_class_uid, i.sop_instance_uid, reason, err.message) for i in members]
+            metrics.request_failure.labels(API, err.code).inc()
+            log.info("STOW-RS: a series of %d instances refused: %s", len(members), err.code)
+            continue
+        url = str(request.url_for("get_job", job_id=job.id))
+        stored += [(i, url) for i in members]
+        metrics.request_success.labels(API).inc()
+        log.info("STOW-RS: job %s for a series of %d instances", job.id, len(members))
+    for failure in failures:
+        if failure.reason == CANNOT_UNDERSTAND:
+            log.info("STOW-RS: refused an instance: %s", failure.message)
+    status, body = stow_response(stored, failures)
+    return JSONResponse(body, status_code=status, media_type=MEDIA_DICOM_JSON)
+
+
+@router.post("/dicomweb/studies", summary="STOW-RS: store instances (one job per series)")
+async def store_instances(request: Request) -> JSONResponse:
+    return await store(request, None)
+
+
+@router.post("/dicomweb/studies/{study}", summary="STOW-RS: store instances of one study")
+async def store_study_instances(request: Request, study: str) -> JSONResponse:
+    return await store(request, study)
