@@ -208,6 +208,28 @@ async def drive(api: str, base: str, grpc_target: str, images: list[bytes], conc
     }
 
 
+def volume_formats(base: str, redis_url: str, job_id: str) -> dict[str, object]:
+    """What the derived formats cost on a volume: the kept value's size in Redis and each format's latency."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        kept_mb = client.strlen(f"c2p:outputs:{job_id}") / 2**20
+    finally:
+        client.close()
+    out: dict[str, object] = {"kept_outputs_mb": round(kept_mb, 1)}
+    for name, params in (("nifti", {"format": "nifti"}), ("dicom_seg", {"format": "dicom-seg"}),
+                         ("png_slice", {"format": "png", "slice": 150})):  # fmt: skip
+        start = time.perf_counter()
+        answer = httpx.get(f"{base}/v1/segmentations/{job_id}/result", params=params, timeout=120)
+        out[name] = {
+            "status": answer.status_code,
+            "ms": round((time.perf_counter() - start) * 1000, 1),
+            "mb": round(len(answer.content) / 2**20, 2),
+        }
+    return out
+
+
 def wait_ready(base: str, processes: list[subprocess.Popen], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -309,6 +331,8 @@ def main() -> None:
                     "worker_peak_rss_before_mb": round(base_worker, 1),
                     "gateway_rss_over_upload": round(gateway_peak / upload_mb, 3),
                 }
+                if response.status_code == 200:
+                    report["volume"]["formats"] = volume_formats(base, redis.url, response.json()["id"])
             report["targets"] = TARGETS
             report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
             print(json.dumps(report, indent=2))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from service import preprocess
-from service.codecs import rle, writers
+from service.codecs import dicom_headers, rle, writers
 from service.errors import InvalidImage, InvalidRequest, OutputNotAvailable, ServiceError
 from service.inputs.volume import Volume
 from service.schema import SegmentationResult
@@ -73,10 +73,8 @@ def kept_members(volume: Volume, result: SegmentationResult) -> list[tuple[str, 
     }
     headers = volume.source.get("headers")
     if volume.format == "dicom" and headers:
-        from service.codecs import dicom_seg  # highdicom and pydicom: only for DICOM inputs
-
         try:
-            blobs = dicom_seg.encode_headers(headers)
+            blobs = dicom_headers.encode_headers(headers)
         except ServiceError as err:  # the segmentation stands; only a DICOM SEG of it cannot be made
             log.warning("the source headers cannot be kept for a DICOM SEG: %s", err.message)
             index["dicom"] = {"error": err.message}
@@ -171,14 +169,14 @@ def _dicom_seg(result: SegmentationResult, members: Mapping[str, bytes], index: 
         )
     if "error" in dicom:
         raise OutputNotAvailable(f"no DICOM SEG can be made for this input: {dicom['error']}")
-    from service.codecs import dicom_seg
+    from service.codecs import dicom_seg  # highdicom: loaded by the first SEG, never by a gateway that makes none
 
     blobs = [members.get(header_name(i)) for i in range(int(dicom["instances"]))]
     if any(blob is None for blob in blobs):
         raise OutputNotAvailable("the source instances' headers were not all kept")
     slices = [(int(i), None if f is None else int(f)) for i, f in dicom["slices"]]
     try:
-        sources = dicom_seg.decode_headers(blobs)  # type: ignore[arg-type]
+        sources = dicom_headers.decode_headers(blobs)  # type: ignore[arg-type]
         return dicom_seg.dicom_seg(sources, masks_of(result), slices, result)
     except (InvalidRequest, InvalidImage) as err:  # the request was fine; this input cannot be a SEG's source
         raise OutputNotAvailable(err.message) from err

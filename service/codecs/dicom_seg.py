@@ -39,23 +39,21 @@ import copy
 import importlib.metadata
 import io
 import re
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 from highdicom.spatial import get_image_coordinate_system
-from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from service.errors import InvalidImage, InvalidRequest
+from service.codecs.dicom_headers import REQUIRED_KEYWORDS, quiet, shallow_view
+from service.errors import InvalidRequest
 from service.schema import SegmentationResult, SliceReliability
 
 
@@ -87,8 +85,6 @@ PRIVATE_SLICE_LEVEL = 0x12  # LO
 PRIVATE_SLICE_SUPPRESSED = 0x13  # CS YES/NO: the empty gate or the volume check removed this slice's mask
 PRIVATE_SLICE_OUTLIER = 0x14  # CS YES/NO: geometry out of line with the neighbouring slices
 
-# Top-level elements a stored header leaves out: the pixels in any of their three forms, and the trailing padding.
-_DROPPED_TAGS = frozenset({Tag(0x7FE00010), Tag(0x7FE00008), Tag(0x7FE00009), Tag(0xFFFCFFFC)})
 # highdicom reads these from the first source without a default; Type 2 in image IODs, yet not always present.
 _TYPE2_PATIENT_STUDY = (
     "PatientID",
@@ -100,139 +96,11 @@ _TYPE2_PATIENT_STUDY = (
     "StudyDate",
     "StudyTime",
 )
-_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
 _ORIENTATION_TOLERANCE = 1e-3  # the DICOM reader's: sources this close share one orientation
 _LO = 64  # characters in an LO value
 _ST = 1024  # characters in an ST value
 
 Slice = tuple[int, int | None]
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence pydicom's and highdicom's warnings while headers are handled: they describe quirks of untrusted files
-    and quote their values, patient data included (highdicom warns with the patient's name when it has a single
-    component). The service's readers do the same (service.inputs.sniff.quiet, not imported here: the DICOM reader
-    imports this module). Matching by module keeps a filter that leaks out of catch_warnings, which is process-global
-    while decoding runs in threads, harmless."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\.|$)")
-        yield
-
-
-# ----------------------------------------------------------------------------------------------- headers
-
-
-def _view(ds: Dataset) -> Dataset:
-    """A new dataset over the same element objects. Adding or replacing an element in it leaves ``ds`` alone, which
-    ``copy.copy`` would not do: a shallow copy of a pydicom dataset shares its element dict."""
-    out = Dataset(dict(ds.items()))
-    implicit, little = ds.original_encoding
-    out.set_original_encoding(implicit, little, ds.original_character_set)
-    if "file_meta" in ds.__dict__:
-        out.file_meta = ds.file_meta
-    return out
-
-
-def _file_meta(ds: Dataset) -> FileMetaDataset:
-    """A copy of the file meta, with a transfer syntax even where the file had none (the reader accepts those), so
-    the header can be written as a Part 10 file."""
-    meta = copy.deepcopy(ds.file_meta) if "file_meta" in ds.__dict__ else FileMetaDataset()
-    if "TransferSyntaxUID" not in meta:
-        implicit, little = ds.original_encoding
-        if little is False:
-            meta.TransferSyntaxUID = ExplicitVRBigEndian
-        elif implicit:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        else:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return meta
-
-
-def _immutable(element: DataElement | RawDataElement) -> bool:
-    return isinstance(element, RawDataElement) and element.VR is not None and isinstance(element.value, bytes | None)
-
-
-def header_only(ds: Dataset) -> Dataset:
-    """A copy of a source instance without its pixel data (PixelData, FloatPixelData, DoubleFloatPixelData, and the
-    data set trailing padding), keeping file_meta, so the worker can keep and store the headers cheaply. The result
-    is still usable as a highdicom source image.
-
-    Values the reader deferred are loaded first: the copy has no file to load them from later. Elements still raw
-    (undecoded bytes, immutable) are shared with ``ds``, the rest (decoded values, sequences) copied, which keeps a
-    typical header at a fraction of a millisecond."""
-    with _quiet():
-        for tag, element in list(ds.items()):
-            deferred = isinstance(element, RawDataElement) and element.value is None and element.length
-            # Read as implicit VR (a file whose meta says otherwise, as pydicom's SC_rgb_jpeg.dcm): without its VR
-            # the element cannot be written in the explicit syntax the header is stored in, so decode it now.
-            untyped = isinstance(element, RawDataElement) and element.VR is None
-            if (deferred or untyped) and tag not in _DROPPED_TAGS:
-                ds[tag]  # reading the element loads its value (and its dictionary VR) into ds
-        out = Dataset(
-            {
-                tag: element if _immutable(element) else copy.deepcopy(element)
-                for tag, element in ds.items()
-                if tag not in _DROPPED_TAGS
-            }
-        )
-    implicit, little = ds.original_encoding
-    out.set_original_encoding(implicit, little, ds.original_character_set)
-    out.file_meta = _file_meta(ds)
-    return out
-
-
-def encode_headers(datasets: Sequence[Dataset]) -> list[bytes]:
-    """Each header as a DICOM Part 10 file (preamble, file meta, data set in its transfer syntax). The caller's
-    datasets are not changed: writing fills in missing file meta elements, on a copy."""
-    blobs = []
-    for number, ds in enumerate(datasets, 1):
-        view = _view(ds)
-        view.file_meta = _file_meta(ds)
-        buffer = io.BytesIO()
-        try:
-            with _quiet():
-                dcmwrite(buffer, view, enforce_file_format=True)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise InvalidImage(
-                f"header {number} of {len(datasets)} cannot be written as a DICOM file ({type(exc).__name__})"
-            ) from exc
-        blobs.append(buffer.getvalue())
-    return blobs
-
-
-def _parse_public(ds: Dataset) -> None:
-    """Decode every public value, in sequences too: what highdicom may read then cannot fail later. Private elements
-    are left raw; nothing here reads them, and they are half of a typical header's decoding time."""
-    for tag in list(ds.keys()):
-        if tag.is_private:
-            continue
-        element = ds[tag]
-        if element.VR == "SQ":
-            for item in element.value:
-                _parse_public(item)
-
-
-def decode_headers(blobs: Sequence[bytes]) -> list[Dataset]:
-    """The inverse of ``encode_headers``, for bytes that come back from Redis and so are treated as untrusted: only
-    Part 10 files are accepted (``force=False``), and every value is parsed here, so a corrupt one fails now as
-    ``InvalidImage`` rather than later inside highdicom. Messages name the header, never a value (patient data)."""
-    datasets = []
-    for number, blob in enumerate(blobs, 1):
-        what = f"stored DICOM header {number} of {len(blobs)}"
-        if not isinstance(blob, bytes | bytearray | memoryview) or not blob:
-            raise InvalidImage(f"{what} is empty")
-        try:
-            with _quiet():
-                ds = dcmread(io.BytesIO(blob), force=False)
-                _parse_public(ds)
-        except Exception as exc:  # any parser failure on hostile bytes: struct.error, EOFError, ValueError, ...
-            raise InvalidImage(f"{what} is not a readable DICOM Part 10 file ({type(exc).__name__})") from exc
-        # pydicom reads a preamble and "DICM" followed by junk as a data set of junk elements, with a warning.
-        if "TransferSyntaxUID" not in ds.file_meta or any(keyword not in ds for keyword in _REQUIRED):
-            raise InvalidImage(f"{what} is not a DICOM image header (no transfer syntax, SOP or image attributes)")
-        datasets.append(ds)
-    return datasets
 
 
 # ------------------------------------------------------------------------------------------- source layout
@@ -315,7 +183,7 @@ def _shared_groups_filled(ds: Dataset) -> Dataset:
         changed = True
     if not changed:
         return ds
-    view = _view(ds)
+    view = shallow_view(ds)
     view.add(DataElement(Tag("SharedFunctionalGroupsSequence"), "SQ", [shared_item]))
     return view
 
@@ -347,7 +215,7 @@ def _first_source(ds: Dataset, thickness: float | None) -> Dataset:
         changes["SliceThickness"] = thickness
     if not changes:
         return ds
-    view = _view(ds)
+    view = shallow_view(ds)
     for keyword, value in changes.items():
         view.add_new(keyword, dictionary_VR(keyword), value)  # a new element: the source's stays as it was
     return view
@@ -392,7 +260,7 @@ def _aligned_orientations(images: list[Dataset]) -> list[Dataset]:
             continue
         if not np.allclose([float(v) for v in value], reference, atol=_ORIENTATION_TOLERANCE):
             raise InvalidRequest("the source instances differ in orientation; a DICOM SEG needs one")
-        view = _view(image)
+        view = shallow_view(image)
         view.add_new("ImageOrientationPatient", "DS", list(first))  # replaces the element in the view only
         out.append(view)
     return out
@@ -532,7 +400,7 @@ def dicom_seg(
     depth, rows, columns = masks.shape
     if depth == 0:
         raise ValueError("no mask slices")
-    for keyword in _REQUIRED:
+    for keyword in REQUIRED_KEYWORDS:
         if any(keyword not in ds for ds in sources):
             raise InvalidRequest(f"a source instance has no {keyword}; a DICOM SEG cannot reference it")
     instances, frames = _layout(sources, slices, depth)
@@ -585,7 +453,7 @@ def dicom_seg(
     )
     description.SegmentDescription = _segment_description(result, int(nonempty.size), depth)
     try:
-        with _quiet():
+        with quiet():
             seg = hd.seg.Segmentation(
                 source_images=images,
                 pixel_array=planes,
@@ -622,6 +490,6 @@ def dicom_seg(
     _comment_frames(seg, where, scores)
     _add_private_block(seg, result, references, scores)
     buffer = io.BytesIO()
-    with _quiet():  # values copied from the source (names, dates) may be quoted in pydicom's write warnings
+    with quiet():  # values copied from the source (names, dates) may be quoted in pydicom's write warnings
         dcmwrite(buffer, seg, enforce_file_format=True)
     return buffer.getvalue()

@@ -34,7 +34,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from service.codecs.dicom_seg import header_only
+from service.codecs.dicom_headers import header_only
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedTransferSyntax
 from service.inputs.sniff import inflated_size, quiet

@@ -26,6 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from service.codecs.dicom_headers import decode_headers, encode_headers, header_only
 from service.codecs.dicom_seg import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
@@ -35,10 +36,7 @@ from service.codecs.dicom_seg import (
     PRIVATE_SLICE_OUTLIER,
     PRIVATE_SLICE_SCORE,
     PRIVATE_SLICES,
-    decode_headers,
     dicom_seg,
-    encode_headers,
-    header_only,
 )
 from service.errors import InvalidImage, InvalidRequest
 from service.schema import (

@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 from service.config import DicomWebSettings, QueueSettings
 from service.gateway import dicomweb
 from tests.service.harness import engine_for, make_settings, running
+from tests.service.test_dicom_seg import dciodvfy_errors
 from tests.service.test_inputs import ct_series
 
 REFERENCED, FAILED, REASON, RETRIEVE_URL = "00081199", "00081198", "00081197", "00081190"
@@ -175,7 +176,11 @@ def destination() -> Iterator[tuple[str, type[Destination]]]:
 
 
 def test_finished_segs_are_forwarded_with_retries_and_refusals_recorded(
-    redis_url: str, queue_settings: QueueSettings, exported: Path, destination: tuple[str, type[Destination]]
+    redis_url: str,
+    queue_settings: QueueSettings,
+    exported: Path,
+    destination: tuple[str, type[Destination]],
+    tmp_path: Path,
 ) -> None:
     url, handler = destination
     settings = make_settings(redis_url, queue_settings, exported)
@@ -200,8 +205,11 @@ def test_finished_segs_are_forwarded_with_retries_and_refusals_recorded(
             assert sent["status"] == "sent" and sent["attempts"] == 3, sent
             assert "secret" not in sent["destination"] and sent["destination"].endswith("/dicom-web/")
             assert len(handler.received) == 3
-            seg = pydicom.dcmread(io.BytesIO(handler.received[-1].split(b"\r\n\r\n", 1)[1]), force=True)
+            part = handler.received[-1].split(b"\r\n\r\n", 1)[1]
+            seg = pydicom.dcmread(io.BytesIO(part), force=True)
             assert seg.Modality == "SEG" and seg.SOPInstanceUID == sent["sop_instance_uid"]
+            (tmp_path / "forwarded.dcm").write_bytes(part[: part.rindex(b"\r\n--")])
+            assert dciodvfy_errors(tmp_path / "forwarded.dcm") == []
             assert seg.StudyInstanceUID == uid_of(ct[0], "StudyInstanceUID")
 
             handler.script[:] = [400]  # refused: no retry

@@ -200,3 +200,17 @@ def test_c2p_segment_writes_the_same_formats(
     }  # fmt: skip
     assert dciodvfy_errors(out / "series.seg.dcm") == []
     assert hd.seg.segread(out / "series.seg.dcm").SeriesDescription
+
+
+def test_the_gateway_never_loads_torch_or_highdicom() -> None:
+    """What a gateway imports is what it costs in memory: neither the network's framework nor the SEG writer,
+    which only a worker making a DICOM SEG needs (highdicom alone is ~20 MB)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, service.gateway.app, service.inputs, service.grpc.server, service.outputs;"
+        "print(sorted(m for m in ('torch', 'highdicom', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
