@@ -274,6 +274,7 @@ def main() -> None:
                 "C2P_REDIS_URL": redis.url,
                 "C2P_ENGINE__INTRA_OP_THREADS": str(args.threads),
                 "C2P_LIMITS__MAX_UPLOAD_BYTES": str(1 << 30),
+                "C2P_WORKER__OPS_PORT": str(free_port()),
             }
         )
         common = ["--model", str(directory)]

@@ -78,6 +78,8 @@ class WorkerSettings(BaseModel):
     # compression, for result_ttl_s), so the PNG and DICOM SEG formats can be made on request. Off: JSON and
     # NIfTI only.
     keep_outputs: bool = True
+    # A worker running alone (`c2p worker`) serves /metrics and /v2/health/* here; 0 turns it off.
+    ops_port: int = Field(8002, ge=0, le=65535)
 
 
 GRPC_MAX_MESSAGE = 2**31 - 1
@@ -139,6 +141,14 @@ class DicomWebSettings(BaseModel):
     timeout_s: float = Field(60.0, gt=0)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry (service/tracing.py): off unless an OTLP/HTTP collector is named."""
+
+    endpoint: str | None = Field(None, pattern=r"^https?://")  # e.g. http://otel-collector:4318
+    service_name: str = "c2p-serve"
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # of traces started here; a caller's sampled flag is followed
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
 
@@ -156,6 +166,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     grpc: GrpcSettings = GrpcSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
+    tracing: TracingSettings = TracingSettings()
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -1,13 +1,23 @@
 """Prometheus metrics, named after Triton's so existing dashboards and habits carry over.
 
 One ``Metrics`` object per process with its own registry (passed down, never a global), shared by
-the gateway and the worker when they run in one process. ``inference_count`` counts slices and
-``execution_count`` engine runs: their ratio is the mean batch size the dynamic batcher achieves.
+the gateway and the worker when they run in one process. ``c2p_inference_count`` counts slices and
+``c2p_inference_exec_count`` engine runs: their ratio is the mean batch size the dynamic batcher achieves.
+GPU memory and utilisation come from NVML at scrape time (``watch_gpus``, a worker on CUDA with the ``gpu``
+extra); a process without a GPU exports none rather than zeros that would look like an idle GPU.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -17,21 +27,34 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_success = Counter(
-            "c2p_request_success", "Requests answered without error, by API", ["api"], registry=r
+            "c2p_inference_request_success", "Requests answered without error, by API", ["api"], registry=r
         )
         self.request_failure = Counter(
-            "c2p_request_failure",
+            "c2p_inference_request_failure",
             "Requests answered with an error, by API and error code",
             ["api", "reason"],
             registry=r,
         )
         self.jobs = Counter("c2p_jobs", "Jobs finished by workers, by outcome", ["outcome"], registry=r)
-        self.inference_count = Counter("c2p_inference_count", "Slices run through the engine", registry=r)
-        self.execution_count = Counter("c2p_execution_count", "Engine executions (batches)", registry=r)
-        self.batch_size = Histogram(
-            "c2p_batch_size", "Slices per engine execution", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        self.inference_count = Counter(
+            "c2p_inference_count", "Slices run through the engine (Triton: inferences)", registry=r
         )
-        self.pending_requests = Gauge("c2p_pending_requests", "Jobs in flight in this worker", registry=r)
+        self.execution_count = Counter(
+            "c2p_inference_exec_count", "Engine executions (batches); count / exec_count = mean batch", registry=r
+        )
+        self.batch_size = Histogram(
+            "c2p_inference_batch_size", "Slices per engine execution", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.pending_requests = Gauge(
+            "c2p_inference_pending_request_count", "Jobs in flight in this worker", registry=r
+        )
+        self.request_duration = Histogram(
+            "c2p_inference_request_duration_seconds",
+            "Successful requests, handler start to answer, by API (a 202 submission is timed to its 202)",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_duration = Histogram(
             "c2p_queue_duration_seconds", "Submit to start of processing", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -59,5 +82,58 @@ class Metrics:
             registry=r,
         )
 
+    def succeeded(self, api: str, started: float) -> None:
+        """One successful request: counted, and timed from ``started`` (time.perf_counter())."""
+        self.request_success.labels(api).inc()
+        self.request_duration.labels(api).observe(time.perf_counter() - started)
+
+    def watch_gpus(self) -> bool:
+        """Export GPU memory and utilisation (NVML); False, and nothing exported, where NVML is not there."""
+        collector = GpuCollector.start()
+        if collector is None:
+            return False
+        self.registry.register(collector)
+        return True
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class GpuCollector(Collector):
+    """Reads NVML when Prometheus scrapes, like Triton's ``nv_gpu_*`` metrics, one series per device."""
+
+    def __init__(self, nvml: object, count: int) -> None:
+        self.nvml = nvml
+        self.count = count
+
+    @classmethod
+    def start(cls) -> GpuCollector | None:
+        try:
+            import pynvml  # nvidia-ml-py, the gpu extra
+        except ImportError:
+            return None
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            log.info("no GPU metrics: NVML is not usable here (%s)", exc)
+            return None
+        return cls(pynvml, count) if count else None
+
+    def collect(self) -> Iterator[Metric]:
+        nvml = self.nvml
+        used = GaugeMetricFamily("c2p_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("c2p_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
+        busy = GaugeMetricFamily("c2p_gpu_utilization", "GPU busy fraction over the last sample (0..1)", labels=["gpu"])
+        for index in range(self.count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)  # type: ignore[attr-defined]
+            except Exception as exc:  # a device that went away must not break the whole scrape
+                log.warning("GPU %d: NVML read failed (%s)", index, type(exc).__name__)
+                continue
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+            busy.add_metric([str(index)], rates.gpu / 100.0)
+        yield from (used, total, busy)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service import preprocess
+from service import preprocess, tracing
 from service.batcher import DynamicBatcher
 from service.codecs import rle
 from service.config import Settings
@@ -74,11 +74,13 @@ class Pipeline:
         progress: Progress | None = None,
     ) -> Segmentation:
         start = time.perf_counter()
-        volume = await self._in_thread(decode, files, self.settings.limits, modality_hint)
-        plan = await self._in_thread(preprocess.plan, volume, self.size)
+        with tracing.span("c2p.decode"):
+            volume = await self._in_thread(decode, files, self.settings.limits, modality_hint)
+            plan = await self._in_thread(preprocess.plan, volume, self.size)
         decoded = time.perf_counter()
 
-        outputs = await self._infer(volume, plan, progress)
+        with tracing.span("c2p.infer", **{"c2p.slices": volume.shape[0]}):
+            outputs = await self._infer(volume, plan, progress)
         inferred = time.perf_counter()
 
         z, height, width = volume.pixels.shape[:3]
@@ -96,7 +98,8 @@ class Pipeline:
                 encoded.append(SliceMask(index=index, counts=coded["counts"], area=int(mask.sum())))
             return encoded
 
-        encoded = await self._in_thread(encode_all)
+        with tracing.span("c2p.encode"):
+            encoded = await self._in_thread(encode_all)
         report = build_reliability(outputs, [s.area for s in encoded], outliers, suppress)
         done = time.perf_counter()
 

@@ -12,15 +12,20 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import uvicorn
 
+from service import tracing
 from service.artifacts import ensure_artifact
 from service.config import Settings
 from service.engine import Engine, load_engine, warm_up
 from service.metrics import Metrics
 from service.redis_server import redis_url_or_private
+
+if TYPE_CHECKING:
+    from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +76,21 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
     from service.worker import Worker
 
     metrics = Metrics()
+    tracing.configure(settings.tracing, "serve" if gateway and worker else "gateway" if gateway else "worker")
     url, private = redis_url_or_private(settings.redis_url)
     client = _client(url)
     tasks: list[asyncio.Task] = []
     try:
         server = _http_server(settings, metrics, client) if gateway else None
         runner = None
+        ops = None
         if worker:
             engine = await asyncio.to_thread(load_warm_engine, settings)
+            if engine.device == "cuda" and metrics.watch_gpus():
+                log.info("exporting GPU memory and utilisation metrics")
             runner = Worker(settings, engine, client, metrics)
+            if not gateway and settings.worker.ops_port:
+                ops = _ops_server(settings, runner, metrics, client)
 
         def stop() -> None:
             log.info("shutting down")
@@ -90,7 +101,10 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
 
         _on_signals(stop)
         if runner is not None:
-            tasks.append(asyncio.create_task(runner.run(), name="worker"))
+            tasks.append(asyncio.create_task(_worker_then(runner, ops), name="worker"))
+        if ops is not None:
+            tasks.append(asyncio.create_task(ops.serve(), name="ops"))
+            log.info("worker metrics and health on http://%s:%d", settings.host, settings.worker.ops_port)
         rpc = None
         if gateway:
             from service.grpc.inference import inference_registration
@@ -113,8 +127,28 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
             task.result()
     finally:
         await client.aclose()
+        tracing.shutdown()
         if private is not None:
             private.stop()
+
+
+def _ops_server(settings: Settings, runner: Worker, metrics: Metrics, client: aioredis.Redis) -> _Server:
+    from service.ops import create_ops_app
+
+    app = create_ops_app(runner, metrics, client)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.worker.ops_port, log_level="warning", access_log=False
+    )
+    return _Server(config)
+
+
+async def _worker_then(runner: Worker, ops: _Server | None) -> None:
+    """Run the worker; its ops port stays up while it drains (readiness says 503) and closes when it is done."""
+    try:
+        await runner.run()
+    finally:
+        if ops is not None:
+            ops.should_exit = True
 
 
 async def _grpc_until(rpc: object, http: _Server | None) -> None:

@@ -7,10 +7,11 @@ same errors and describe their jobs with the same meta, because they all come th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from service import tracing
 from service.config import LimitSettings
 from service.inputs import Upload, probe
 from service.queue import JobQueue
@@ -22,18 +23,28 @@ async def submit_upload(
     files: Sequence[Upload],
     limits: LimitSettings,
     modality_hint: str | None,
+    *,
+    trace_parent: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Job:
     """Probe in a thread (header parsing is CPU work a gateway loop must not do inline), then submit; ``extra``
-    joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery request)."""
-    header = await asyncio.to_thread(probe, list(files), limits, modality_hint)
-    meta = {
-        "format": header.format,
-        "modality": header.modality,
-        "shape": list(header.shape),
-        "files": header.files,
-        "modality_hint": modality_hint,
-        "submitted_at": datetime.now(UTC).isoformat(),
-        **extra,
-    }
-    return await queue.submit(files, meta)
+    joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery request).
+    ``trace_parent``: the caller's W3C trace headers, so the job's trace continues theirs."""
+    with tracing.span("c2p.submit", trace_parent, **{"c2p.files": len(files)}) as span:
+        header = await asyncio.to_thread(probe, list(files), limits, modality_hint)
+        meta = {
+            "format": header.format,
+            "modality": header.modality,
+            "shape": list(header.shape),
+            "files": header.files,
+            "modality_hint": modality_hint,
+            "submitted_at": datetime.now(UTC).isoformat(),
+            **extra,
+        }
+        context = tracing.carrier()
+        if context:
+            meta["trace"] = context
+        job = await queue.submit(files, meta)
+        if span is not None:
+            span.set_attributes({"c2p.job_id": job.id, "c2p.format": header.format, "c2p.slices": header.shape[0]})
+        return job

@@ -23,7 +23,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import outputs, presence
+from service import outputs, presence, tracing
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
@@ -170,6 +170,11 @@ class Worker:
             self.metrics.jobs.labels("interrupted").inc()
 
     async def _run_job(self, delivery: Delivery) -> None:
+        attributes = {"c2p.job_id": delivery.job_id, "c2p.delivery": delivery.deliveries, "c2p.worker": self.consumer}
+        with tracing.span("c2p.job", delivery.meta.get("trace"), **attributes):
+            await self._run_traced_job(delivery)
+
+    async def _run_traced_job(self, delivery: Delivery) -> None:
         queued_ms = _queued_ms(delivery)
         self.metrics.queue_duration.observe(queued_ms / 1000)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -153,12 +154,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result")] = None,
         modality: Annotated[str | None, Query(description="modality hint for NIfTI/PNG/JPEG, e.g. CT, MR, US")] = None,
     ) -> Any:
+        started = time.perf_counter()
         if wait is not None and wait > settings.queue.max_wait_s:
             raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
         hint = _modality(modality)
         files = await read_files(request, settings.limits)
         queue = queue_of(request)
-        job = await submit_upload(queue, files, settings.limits, hint)
+        job = await submit_upload(queue, files, settings.limits, hint, trace_parent=request.headers)
         del files
         location = f"/v1/segmentations/{job.id}"
         if wait:
@@ -166,7 +168,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         if job.status == "failed" and job.error is not None:
             metrics.request_failure.labels(API, job.error.code).inc()
             return error_response(from_code(job.error.code, job.error.message), job.id)
-        metrics.request_success.labels(API).inc()
+        metrics.succeeded(API, started)
         if job.status == "succeeded":
             response.status_code = 200
         response.headers["Location"] = location

@@ -604,6 +604,7 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
+    started = time.perf_counter()
     settings: Settings = request.app.state.settings
     if model != ALIAS or version is not None:
         await resolve(request, model, version, fresh=False)
@@ -612,7 +613,12 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     del raw
     queue = JobQueue(request.app.state.redis, settings.queue)
     submitted = await submit_upload(
-        queue, [inference.upload], settings.limits, inference.modality, layout=inference.layout
+        queue,
+        [inference.upload],
+        settings.limits,
+        inference.modality,
+        trace_parent=request.headers,
+        layout=inference.layout,
     )
     inference.upload = ("", b"")  # the queue holds it now; do not keep a second copy for the whole wait
     wait_s = settings.queue.max_wait_s
@@ -624,7 +630,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     if job.status != "succeeded" or job.result is None:
         raise DeadlineExceeded(f"no result within {wait_s:g} s; the job was deleted")
     body, header_length = await run_in_threadpool(build_response, job, inference)
-    request.app.state.metrics.request_success.labels(API).inc()
+    request.app.state.metrics.succeeded(API, started)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

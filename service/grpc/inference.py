@@ -68,7 +68,7 @@ from service.gateway.kserve import (
     served_by,
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
-from service.grpc.server import Registration, check_response_size, error_metadata, ready, status_code
+from service.grpc.server import Registration, check_response_size, error_metadata, ready, status_code, trace_headers
 from service.inputs import Upload, tensor
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
@@ -301,12 +301,18 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             )
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        started = time.perf_counter()
         async with self._errors(context) as call:
             if request.model_name != ALIAS or request.model_version:
                 await self._resolve(request.model_name, request.model_version or None, fresh=False)
             inference = await asyncio.to_thread(parse_request, request, self.settings)
             submitted = await submit_upload(
-                self.queue, [inference.upload], self.settings.limits, inference.modality, layout=inference.layout
+                self.queue,
+                [inference.upload],
+                self.settings.limits,
+                inference.modality,
+                trace_parent=trace_headers(context),
+                layout=inference.layout,
             )
             inference.upload = ("", b"")  # the queue holds it now: no second copy for the whole wait
             call.job_id = submitted.id
@@ -317,7 +323,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             check_response_size(
                 response.ByteSize(), self.settings.grpc.max_send_message_bytes, "; or ask for the score and report only"
             )
-            self.metrics.request_success.labels(API).inc()
+            self.metrics.succeeded(API, started)
             return response
 
     # -- helpers ---------------------------------------------------------------------------------------

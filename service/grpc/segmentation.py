@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTo
 from service.gateway.app import MODALITIES
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.convert import job_to_proto
-from service.grpc.server import API, JOB_ID_KEY, abort, check_response_size, service_errors
+from service.grpc.server import API, JOB_ID_KEY, abort, check_response_size, service_errors, trace_headers
 from service.inputs import Upload
 from service.inputs.probe import normalise_hint
 from service.metrics import Metrics
@@ -84,18 +85,19 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
     async def _segment(
         self, files: list[Upload], modality: str | None, wait_s: float, context: grpc.aio.ServicerContext
     ) -> Any:
+        started = time.perf_counter()
         max_wait = self.settings.queue.max_wait_s
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
         hint = _modality(modality)
-        job = await submit_upload(self.queue, files, self.settings.limits, hint)
+        job = await submit_upload(self.queue, files, self.settings.limits, hint, trace_parent=trace_headers(context))
         del files
         if wait_s > 0:
             job = await self._wait(job, wait_s, context)
         if job.status == "failed" and job.error is not None:
             await abort(context, from_code(job.error.code, job.error.message), self.metrics, job.id)
         reply = self._reply(job)
-        self.metrics.request_success.labels(API).inc()
+        self.metrics.succeeded(API, started)
         return reply
 
     def _reply(self, job: Job) -> Any:

@@ -96,6 +96,11 @@ async def service_errors(context: grpc.aio.ServicerContext, metrics: Metrics) ->
 # -- server ----------------------------------------------------------------------------------------------
 
 
+def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's metadata as a W3C carrier (``traceparent``, ``tracestate``), so a caller's trace continues."""
+    return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
 def check_response_size(size: int, limit: int, hint: str = "") -> None:
     """Refuse an answer gRPC would refuse to send, with a message that names the setting: grpc core's own
     failure reaches the caller as a bare RESOURCE_EXHAUSTED the server never logs."""

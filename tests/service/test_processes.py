@@ -50,6 +50,7 @@ def worker_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
             "C2P_ENGINE__WARMUP": "false",
             "C2P_ENGINE__INTRA_OP_THREADS": "1",
             "C2P_ENGINE__MAX_BATCH_SIZE": "4",
+            "C2P_WORKER__OPS_PORT": "0",  # several workers on one machine: no fixed port
             **extra,
         }
     )
@@ -181,3 +182,34 @@ def test_c2p_serve_runs_the_embedded_service(exported: Path, tmp_path: Path) -> 
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
     assert code == 0, log.read_text()
+
+
+def test_a_lone_worker_serves_metrics_and_health_on_its_ops_port(
+    redis_url: str, exported: Path, tmp_path: Path
+) -> None:
+    """`c2p worker` as Kubernetes runs it: probes and Prometheus reach it on its own port, and readiness drops while
+    it drains."""
+    port = free_port()
+    env = worker_env(redis_url, f"tops{uuid.uuid4().hex[:8]}", C2P_WORKER__OPS_PORT=str(port))
+    worker = start_worker(exported, env, tmp_path / "worker.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "the worker never became ready"
+            time.sleep(0.2)
+        assert httpx.get(f"{base}/v2/health/live", timeout=2).json() == {"live": True}
+        scraped = httpx.get(f"{base}/metrics", timeout=2)
+        assert scraped.status_code == 200 and "c2p_inference_exec_count_total" in scraped.text
+        assert "c2p_inference_pending_request_count" in scraped.text
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, (tmp_path / "worker.log").read_text()
+    with pytest.raises(httpx.TransportError):  # gone with the worker
+        httpx.get(f"{base}/v2/health/live", timeout=2)

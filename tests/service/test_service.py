@@ -195,8 +195,22 @@ def test_readiness_waits_for_a_warm_worker(redis_url: str, queue_settings: Queue
         async with running(settings, engine_for(exported)) as (http, _):
             ready = await http.get("/v2/health/ready")
             assert ready.status_code == 200 and ready.json()["workers"] >= 1
+            ok = await http.post("/v1/segmentations?wait=30", files=upload(("d.png", png_bytes(disc_image()))))
+            assert ok.status_code == 200
             metrics = await http.get("/metrics")
-            assert metrics.status_code == 200 and "c2p_inference_count" in metrics.text
+            assert metrics.status_code == 200
+            # Triton's names, ours prefixed: count / exec_count is the mean batch size
+            for line in (
+                'c2p_inference_request_success_total{api="rest"} 1.0',
+                'c2p_inference_request_duration_seconds_count{api="rest"} 1.0',
+                "c2p_inference_count_total 1.0",
+                "c2p_inference_exec_count_total 1.0",
+                'c2p_jobs_total{outcome="succeeded"} 1.0',
+            ):
+                assert line in metrics.text, line
+            gauges_and_histograms = ("c2p_stream_length", "c2p_stream_lag", "c2p_dead_letters", "c2p_decode_duration")
+            for name in gauges_and_histograms:
+                assert name in metrics.text, name
 
     asyncio.run(scenario())
 
