@@ -33,6 +33,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,6 +102,20 @@ def shape_problem(load: LoadInput, shape: list[int]) -> str | None:
     return None if tuple(shape) == load.shape else f"wrong_shape: {shape} for {list(load.shape)}"
 
 
+def input_tasks() -> dict[Callable[[Any], None], int]:
+    """One task per input kind, weighted as WEIGHTS says; each calls its user's own ``segment(kind)``, so the REST
+    and gRPC users share the mix. (locust calls a task in ``tasks`` with the user as its only argument.)"""
+
+    def segment_task(kind: str) -> Callable[[Any], None]:
+        def run(user: Any) -> None:
+            user.segment(kind)
+
+        run.__name__ = kind.replace("-", "_")
+        return run
+
+    return {segment_task(kind): weight for kind, weight in WEIGHTS.items()}
+
+
 class RestUser(HttpUser):
     """Uploads one input per task as multipart ``file`` parts and waits for the result on the same request."""
 
@@ -138,25 +153,7 @@ class RestUser(HttpUser):
                 return
             self.finished.append(job["id"])
 
-    @task(WEIGHTS["dicom-ct"])
-    def dicom_ct(self) -> None:
-        self.segment("dicom-ct")
-
-    @task(WEIGHTS["dicom-mr"])
-    def dicom_mr(self) -> None:
-        self.segment("dicom-mr")
-
-    @task(WEIGHTS["dicom-series"])
-    def dicom_series(self) -> None:
-        self.segment("dicom-series")
-
-    @task(WEIGHTS["nifti-mni"])
-    def nifti_mni(self) -> None:
-        self.segment("nifti-mni")
-
-    @task(WEIGHTS["png-camera"])
-    def png_camera(self) -> None:
-        self.segment("png-camera")
+    tasks = input_tasks()  # one task per input kind, weighted by WEIGHTS
 
     @task(1)
     def result_formats(self) -> None:
@@ -238,25 +235,7 @@ class GrpcUser(User):
             context={},
         )
 
-    @task(WEIGHTS["dicom-ct"])
-    def dicom_ct(self) -> None:
-        self.segment("dicom-ct")
-
-    @task(WEIGHTS["dicom-mr"])
-    def dicom_mr(self) -> None:
-        self.segment("dicom-mr")
-
-    @task(WEIGHTS["dicom-series"])
-    def dicom_series(self) -> None:
-        self.segment("dicom-series")
-
-    @task(WEIGHTS["nifti-mni"])
-    def nifti_mni(self) -> None:
-        self.segment("nifti-mni")
-
-    @task(WEIGHTS["png-camera"])
-    def png_camera(self) -> None:
-        self.segment("png-camera")
+    tasks = input_tasks()  # one task per input kind, weighted by WEIGHTS
 
 
 def grpc_error(err: grpc.RpcError) -> str:
