@@ -45,15 +45,12 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def _base_name(name: str) -> str:
-    """A client's file name cut to its base and made printable (it ends up in error messages)."""
-    return re.sub(r"[^\w .,+=@#()\[\]-]", "_", name.replace("\\", "/").rsplit("/", 1)[-1])[:80]
-
-
 def label(index: int, name: str) -> str:
-    """How messages name an upload: its 1-based position and, when given, its base name."""
-    base = _base_name(name)
-    return f"file {index} ({base})" if base else f"file {index}"
+    """How messages name an upload: its 1-based position only. File names are chosen by whoever exported the study,
+    and PACS exports are often named after the patient or the record number; messages reach logs, job records and
+    other systems, so they never quote a name (``name`` is accepted so callers need not know that)."""
+    del name
+    return f"file {index}"
 
 
 # ---------------------------------------------------------------------------------------------- inflating
@@ -210,7 +207,7 @@ def _zip_members(data: bytes, what: str, limits: LimitSettings, counted: int) ->
         )
     members = []
     for number, info in enumerate(infos, 1):
-        member_label = f"{what} member {number} ({_base_name(info.filename)})"
+        member_label = f"{what} member {number}"  # by position, as label() and for the same reason
         try:
             with archive.open(info) as fp:
                 head = fp.read(NIFTI_HEAD)

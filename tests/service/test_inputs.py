@@ -384,7 +384,7 @@ def no_patient_data(message: str) -> None:
 def test_truncated_file() -> None:
     data = raw("CT_small.dcm")
     message = refused([("IM0003.dcm", data[: len(data) // 2])], InvalidImage)
-    assert message.startswith("file 1 (IM0003.dcm): ") and "truncated" in message
+    assert message.startswith("file 1: ") and "truncated" in message  # by position: names can identify patients
     no_patient_data(message)
 
 
@@ -416,7 +416,7 @@ def test_random_bytes_and_empty_uploads() -> None:
 
 def test_mixed_series() -> None:
     message = refused([("ct.dcm", raw("CT_small.dcm")), ("mr.dcm", raw("MR_small.dcm"))], InvalidImage)
-    assert "mixed series" in message and "file 2 (mr.dcm)" in message
+    assert "mixed series" in message and "file 2" in message and "mr.dcm" not in message
     mr = dataset("MR_small.dcm")
     mr.SeriesInstanceUID = dataset("CT_small.dcm").SeriesInstanceUID
     assert "64 x 64" in refused([("ct.dcm", raw("CT_small.dcm")), ("mr.dcm", to_bytes(mr))], InvalidImage)
