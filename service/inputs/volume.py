@@ -70,7 +70,7 @@ class Member:
     """One file of an upload after zips are opened. ``read`` gives all bytes, ``open`` a stream for header-only
     reads (a zip member is then inflated only as far as its header)."""
 
-    label: str  # how messages name it: "file 2 (IM0002.dcm)" or "file 1 (ct.zip) member 7 (IM0007)"
+    label: str  # how messages name it, by position only: "file 2" or "file 1 member 7" (names can identify patients)
     kind: Kind
     size: int  # bytes, uncompressed for zip members
     read: Callable[[], bytes] = field(repr=False)
