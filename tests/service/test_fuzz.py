@@ -9,6 +9,7 @@ failure to the smallest header that causes it.
 
 from __future__ import annotations
 
+import copy
 import io
 import struct
 import warnings
@@ -16,11 +17,13 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from service.codecs.dicom_headers import encode_headers
 from service.config import LimitSettings
 from service.errors import ServiceError
 from service.inputs import decode, probe
@@ -76,7 +79,7 @@ def test_dicom_headers_that_lie_get_a_4xx(
     pixel_bytes: int | None,
     photometric: str,
 ) -> None:
-    ds = CT.copy()
+    ds = copy.deepcopy(CT)  # Dataset.copy() is shallow: it would share (and change) CT's elements
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, max(bits_stored - 1, 0)
     ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = samples, signed, photometric
@@ -119,3 +122,29 @@ def test_nifti_headers_that_lie_get_a_4xx(
 ) -> None:
     data = _nifti_header([ndim, *sizes], datatype, bitpix, vox_offset, slope) + body
     outcome([("fuzz.nii", data)])
+
+
+@pytest.mark.parametrize(
+    "preamble",
+    [b"\x89PNG\r\n\x1a\n", b"PK\x03\x04", b"\xff\xd8\xff\xe0", b"\x5c\x01\x00\x00n+1\x00", b"\x7fELF", b"#!/bin/sh\n"],
+    ids=["png", "zip", "jpeg", "nifti", "elf", "script"],
+)
+def test_the_dicom_preamble_is_never_trusted(preamble: bytes) -> None:
+    """The 128 bytes before "DICM" are free for any use, so a file can be a valid DICOM and look like a PNG, a zip or
+    a program to a tool that reads from byte 0 (a polyglot). The service reads them as DICOM and ignores the
+    preamble, and the headers it keeps for a DICOM SEG are written with an empty one."""
+    ds = copy.deepcopy(CT)  # Dataset.copy() is shallow: it would share (and change) CT's elements
+    ds.preamble = (preamble + bytes(128))[:128]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    files = [("polyglot", buffer.getvalue())]
+    header = probe(files, LIMITS)
+    volume = decode(files, LIMITS)
+    assert header.format == volume.format == "dicom"
+    plain = copy.deepcopy(CT)
+    plain.preamble = bytes(128)
+    clean = io.BytesIO()
+    plain.save_as(clean, enforce_file_format=True)
+    assert np.array_equal(volume.pixels, decode([("plain", clean.getvalue())], LIMITS).pixels)
+    (kept,) = encode_headers(volume.source["headers"])
+    assert kept[:128] == bytes(128) and kept[128:132] == b"DICM"
