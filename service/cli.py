@@ -147,6 +147,16 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from service.auth import entry_for, new_key
+
+    key = new_key()
+    entry = entry_for(args.tenant, key)
+    # The key goes to the client once; only the entry (its digest) is stored in C2P_API_KEYS or the keys file.
+    print(json.dumps({"tenant": args.tenant, "key": key, "entry": entry}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2p", description="Prompt-free universal medical image segmentation (C2P).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -205,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--provenance", help="JSON file: command, data, hardware, other measurements")
     ship.add_argument("--out", type=Path, help="folder (default: models/weights inside the package)")
     ship.set_defaults(func=cmd_ship)
+
+    keys = commands.add_parser("keys", help="API keys: make one for a tenant (the key, and the digest to store)")
+    key_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = key_commands.add_parser("new", help="print a new key and its C2P_API_KEYS entry (TENANT:sha256:HEX)")
+    new.add_argument("--tenant", required=True, help="who the key's jobs belong to")
+    new.set_defaults(func=cmd_keys_new)
 
     data = commands.add_parser("data", help="make datasets: the synthetic universal benchmark, MNI white matter")
     kinds = data.add_subparsers(dest="kind", required=True, metavar="KIND")

@@ -59,6 +59,10 @@ class QueueSettings(BaseModel):
     job_deadline_s: float = Field(300.0, gt=0)
     max_deliveries: int = Field(3, ge=1)  # then the job fails and goes to the dead-letter stream
     max_wait_s: float = Field(300.0, ge=0)  # the longest ?wait= a synchronous request may ask for
+    # Per tenant: jobs queued or running at once (None: only max_pending bounds a tenant); tenant_quotas overrides
+    # it per tenant name, e.g. C2P_QUEUE__TENANT_QUOTAS='{"radiology": 500}'.
+    tenant_max_pending: int | None = Field(None, ge=1)
+    tenant_quotas: dict[str, int] = Field(default_factory=dict)
 
 
 class WorkerSettings(BaseModel):
@@ -78,6 +82,10 @@ class WorkerSettings(BaseModel):
     # compression, for result_ttl_s), so the PNG and DICOM SEG formats can be made on request. Off: JSON and
     # NIfTI only.
     keep_outputs: bool = True
+    # De-identify the DICOM headers kept for the DICOM SEG a caller downloads (PS3.15 basic profile), so what the
+    # service returns carries no patient identifiers. A SEG forwarded back to the source PACS keeps them: it must
+    # match the patient and study there.
+    deidentify: bool = False
     # A worker running alone (`c2p worker`) serves /metrics and /v2/health/* here; 0 turns it off.
     ops_port: int = Field(8002, ge=0, le=65535)
 
@@ -149,6 +157,41 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(1.0, ge=0, le=1)  # of traces started here; a caller's sampled flag is followed
 
 
+class AuthSettings(BaseModel):
+    """Who may call (service/auth.py). API keys come from ``C2P_API_KEYS`` and/or ``keys_file``, each entry
+    ``TENANT:sha256:HEX`` (``c2p keys new`` makes one); an OIDC issuer turns bearer JWTs on. With neither, the
+    service runs open, which ``c2p serve`` allows only on a loopback address."""
+
+    keys_file: Path | None = None  # one entry per line, '#' comments; re-read when it changes (a mounted Secret)
+    oidc_issuer: str | None = Field(None, pattern=r"^https?://")  # the token's iss must equal it
+    oidc_audience: str | None = None  # the token's aud must contain it (required with an issuer)
+    jwks_url: str | None = Field(None, pattern=r"^https?://")  # default: the issuer's OIDC discovery
+    jwks_file: Path | None = None  # a JWKS document on disk, for air-gapped sites
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"])
+    # A token naming an unknown key id makes us re-fetch the JWKS (the provider rotated keys), at most this often: a
+    # stream of made-up key ids must not turn into a stream of requests to the identity provider.
+    jwks_refresh_cooldown_s: float = Field(30.0, ge=0, le=3600)
+    # The claim naming the tenant ("tid" for Entra ID, "sub" for one tenant per client).
+    tenant_claim: str = "tenant"
+    leeway_s: float = Field(30.0, ge=0, le=600)  # clock skew allowed on exp / nbf / iat
+    # /metrics without credentials (what Prometheus scrapes); it carries no patient data and no job ids.
+    public_metrics: bool = False
+    # Who did what to which job: one JSON line per action on the c2p.audit logger, and a capped Redis stream
+    # {prefix}:audit of this many entries (0: the log only).
+    audit_stream_max_len: int = Field(100_000, ge=0)
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> AuthSettings:
+        if self.oidc_issuer is not None and not self.oidc_audience:
+            raise ValueError("auth.oidc_issuer needs auth.oidc_audience: a token for another service must not pass")
+        if (self.jwks_url or self.jwks_file) and self.oidc_issuer is None:
+            raise ValueError("auth.jwks_url / jwks_file need auth.oidc_issuer")
+        unsafe = [a for a in self.algorithms if a.upper() == "NONE" or a.upper().startswith("HS")]
+        if unsafe:
+            raise ValueError(f"auth.algorithms: {', '.join(unsafe)} not allowed (only public-key signatures)")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="forbid")
 
@@ -156,6 +199,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=1, le=65535)
     redis_url: str | None = None
+    # API keys, comma-separated entries TENANT:sha256:HEX (hashes, never the keys themselves); see AuthSettings.
+    api_keys: str | None = Field(None, repr=False)
     # A variant name (its shipped weights), a checkpoint (NAME.safetensors + NAME.json) or an export folder.
     model: str = DEFAULT_VARIANT
     # Where exports of models given by name or checkpoint are cached, one folder per weights digest.
@@ -167,6 +212,7 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = GrpcSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
     tracing: TracingSettings = TracingSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -22,6 +22,17 @@ class ServiceError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+class Unauthenticated(ServiceError):
+    """No credential, or one that does not check out (unknown key, bad signature, wrong issuer or audience, expired).
+
+    One answer for all of them, so a caller probing keys learns nothing about which part failed; the audit log
+    records the reason."""
+
+    code = "unauthenticated"
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
 class ArtifactNotFound(ServiceError):
     """The configured model artifact is missing; the service cannot become ready."""
 
@@ -136,7 +147,8 @@ class OutputNotAvailable(ServiceError):
 
 
 class QueueFull(ServiceError):
-    """Back-pressure: the queue holds its maximum of pending jobs; retry after a few seconds."""
+    """Back-pressure: the queue (or the caller's tenant's share of it) holds its maximum of pending jobs; retry
+    after a few seconds."""
 
     code = "queue_full"
     http_status = 429
@@ -191,6 +203,7 @@ class Cancelled(ServiceError):
 
 ERRORS: tuple[type[ServiceError], ...] = (
     ServiceError,
+    Unauthenticated,
     ArtifactNotFound,
     ArtifactInvalid,
     InvalidTensor,

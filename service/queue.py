@@ -10,6 +10,11 @@ Keys under ``settings.prefix`` (``p``)::
     {p}:outputs:{id}  what the derived formats need beyond the result (service.outputs), packed like a payload,
                       TTL result_ttl_s, written before the job completes; read by ranges, one member at a time
     {p}:done:{id}     pub/sub channel told when the job ends (or is deleted)
+    {p}:tenants       hash: tenant -> its jobs queued or running (what the per-tenant quota bounds)
+
+Every job belongs to the tenant that submitted it (the record's ``tenant`` field, also on its stream entry).
+Gateway reads and deletes name the caller's tenant and treat another tenant's job as unknown: the answer is the
+same 404 as for an id that never existed, so ids reveal nothing across tenants.
 
 Every state change that touches more than one key is a Lua script, because a crash (or a Redis
 failover) between two commands must not leave, say, a stored result with a job still "running", an
@@ -126,31 +131,49 @@ local function ack(stream, group, id)
   redis.pcall('XACK', stream, group, id)
   redis.call('XDEL', stream, id)
 end
+local function release_slot(tenants, tenant)
+  if tenant and tenant ~= '' then
+    if redis.call('HINCRBY', tenants, tenant, -1) <= 0 then
+      redis.call('HDEL', tenants, tenant)
+    end
+  end
+end
 """
 
-# KEYS: stream, record, payload. ARGV: max_pending, job_id, now, meta, record_ttl.
-# The length check and the XADD are one atomic step, so concurrent submits cannot overshoot the cap.
+# KEYS: stream, record, payload, tenants. ARGV: max_pending, job_id, now, meta, record_ttl, tenant, tenant_max
+# (0: no per-tenant cap). Returns the entry id, or 0 (queue full) / 1 (the tenant's quota full). The checks and the
+# XADD are one atomic step, so concurrent submits cannot overshoot either cap.
 _SUBMIT = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[3])
-  return false
+  return 0
+end
+local quota = tonumber(ARGV[7])
+if quota > 0 and tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0') >= quota then
+  redis.call('DEL', KEYS[3])
+  return 1
 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[3], 'updated_at', ARGV[3],
-           'deliveries', 0, 'meta', ARGV[4])
-local id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2])
+           'deliveries', 0, 'meta', ARGV[4], 'tenant', ARGV[6])
+local id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2], 'tenant', ARGV[6])
 redis.call('HSET', KEYS[2], 'stream_id', id)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
 return id
 """
 
-# KEYS: stream, record, payload. ARGV: group, entry_id, consumer, deliveries, now, record_ttl, channel,
-# expired_message. Returns the job's meta when it may run, nil when the entry was dropped.
+# KEYS: stream, record, payload, tenants. ARGV: group, entry_id, consumer, deliveries, now, record_ttl, channel,
+# expired_message, tenant (from the entry: the record may have expired). Returns the job's meta when it may run,
+# nil when the entry was dropped.
 _START = (
     _ACK
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- The record expired (its slot is still counted) or was deleted (delete() removed the entry and the slot).
+  local expired = #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0
   ack(KEYS[1], ARGV[1], ARGV[2])
   redis.call('DEL', KEYS[3])
+  if expired then release_slot(KEYS[4], ARGV[9]) end
   return false
 end
 local status = redis.call('HGET', KEYS[2], 'status')
@@ -164,6 +187,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('HDEL', KEYS[2], 'consumer')
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   ack(KEYS[1], ARGV[1], ARGV[2])
+  release_slot(KEYS[4], redis.call('HGET', KEYS[2], 'tenant'))
   redis.call('PUBLISH', ARGV[7], 'failed')
   return false
 end
@@ -174,7 +198,7 @@ return redis.call('HGET', KEYS[2], 'meta')
 """
 )
 
-# KEYS: stream, record, payload, result. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
+# KEYS: stream, record, payload, result, tenants. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
 # channel. The result is stored before the entry is acknowledged, in one step.
 _COMPLETE = (
     _ACK
@@ -197,12 +221,13 @@ redis.call('HDEL', KEYS[2], 'consumer')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('DEL', KEYS[3])
 ack(KEYS[1], ARGV[1], ARGV[2])
+release_slot(KEYS[5], redis.call('HGET', KEYS[2], 'tenant'))
 redis.call('PUBLISH', ARGV[7], 'succeeded')
 return 1
 """
 )
 
-# KEYS: stream, record, payload, dead. ARGV: group, entry_id, code, message, now, record_ttl, channel,
+# KEYS: stream, record, payload, dead, tenants. ARGV: group, entry_id, code, message, now, record_ttl, channel,
 # job_id, deliveries, dead_letter ('1' or '0'), dead_maxlen.
 _FAIL = (
     _ACK
@@ -222,6 +247,7 @@ redis.call('HDEL', KEYS[2], 'consumer')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('DEL', KEYS[3])
 ack(KEYS[1], ARGV[1], ARGV[2])
+release_slot(KEYS[5], redis.call('HGET', KEYS[2], 'tenant'))
 if ARGV[10] == '1' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'job_id', ARGV[8], 'error_code', ARGV[3],
              'error_message', ARGV[4], 'deliveries', ARGV[9])
@@ -233,14 +259,24 @@ return 1
 
 # Whatever state the job is in, its entry goes too: a queued job is never delivered, a running one's worker
 # finds the record gone.
-# KEYS: stream, record, payload, result, outputs. ARGV: group, channel, required status ("" = any).
-# 0 gone, 2 wrong status.
-_DELETE = """
+# KEYS: stream, record, payload, result, outputs, tenants. ARGV: group, channel, required status ("" = any),
+# tenant ("" = any: another tenant's job is gone as far as the caller can tell). 0 gone, 2 wrong status.
+_DELETE = (
+    _ACK
+    + """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], 'status') ~= ARGV[3] then
+local tenant = redis.call('HGET', KEYS[2], 'tenant')
+if ARGV[4] ~= '' and tenant ~= ARGV[4] then
+  return 0
+end
+local status = redis.call('HGET', KEYS[2], 'status')
+if ARGV[3] ~= '' and status ~= ARGV[3] then
   return 2
+end
+if status ~= 'succeeded' and status ~= 'failed' then
+  release_slot(KEYS[6], tenant)
 end
 local id = redis.call('HGET', KEYS[2], 'stream_id')
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
@@ -251,6 +287,7 @@ end
 redis.call('PUBLISH', ARGV[2], 'deleted')
 return 1
 """
+)
 
 # KEYS: record. ARGV: code, message, now, record_ttl. Never creates a record that was deleted.
 _NOTE_ERROR = """
@@ -306,7 +343,7 @@ end
 return released
 """
 
-# KEYS: stream. ARGV: group, consumer, min_idle_ms, count. Returns {entry_id, job_id, deliveries} per
+# KEYS: stream. ARGV: group, consumer, min_idle_ms, count. Returns {entry_id, job_id, deliveries, tenant} per
 # claimed entry. XPENDING IDLE + XCLAIM rather than XAUTOCLAIM because Redis 6.2's XAUTOCLAIM returns
 # deleted-but-pending entries as nil without their id, so they could never be acknowledged.
 _CLAIM = """
@@ -318,14 +355,16 @@ for _, p in ipairs(pending) do
   if #claimed > 0 then
     local entry = claimed[1]
     local job_id = false
+    local tenant = ''
     if entry then
       local fields = entry[2]
       for j = 1, #fields, 2 do
         if fields[j] == 'job_id' then job_id = fields[j + 1] end
+        if fields[j] == 'tenant' then tenant = fields[j + 1] end
       end
     end
     if job_id then
-      table.insert(out, {id, job_id, tonumber(p[4]) + 1})
+      table.insert(out, {id, job_id, tonumber(p[4]) + 1, tenant})
     else
       redis.call('XACK', KEYS[1], ARGV[1], id)
       if entry then redis.call('XDEL', KEYS[1], id) end
@@ -356,6 +395,7 @@ class JobQueue:
         self.stream = f"{p}:jobs"
         self.group = f"{p}:workers"
         self.dead = f"{p}:dead"
+        self.tenants = f"{p}:tenants"
         self._prefix = p
         self._record_ttl = settings.result_ttl_s + settings.payload_ttl_s
         self._submit = client.register_script(_SUBMIT)
@@ -402,28 +442,41 @@ class JobQueue:
         except (RedisError, OSError):  # TimeoutError is an OSError
             return False
 
-    @_redis_errors
-    async def submit(self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any]) -> Job:
-        """Store the upload and enqueue it; QueueFull when ``max_pending`` jobs are queued or running."""
+    def tenant_quota(self, tenant: str) -> int | None:
         settings = self.settings
-        full = QueueFull(
-            f"the queue holds its maximum of {settings.max_pending} jobs; retry in {settings.retry_after_s} s",
-            retry_after_s=settings.retry_after_s,
-        )
-        # Cheap early answer so a full queue does not cost an upload to Redis; the script decides.
-        if await self._client.xlen(self.stream) >= settings.max_pending:
+        return settings.tenant_quotas.get(tenant, settings.tenant_max_pending)
+
+    @_redis_errors
+    async def submit(self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any], *, tenant: str) -> Job:
+        """Store the upload and enqueue it for ``tenant``; QueueFull when ``max_pending`` jobs are queued or running,
+        or the tenant's quota of them."""
+        settings = self.settings
+        quota = self.tenant_quota(tenant)
+        retry, after = f"retry in {settings.retry_after_s} s", settings.retry_after_s
+        full = QueueFull(f"the queue holds its maximum of {settings.max_pending} jobs; {retry}", after)
+        over_quota = QueueFull(f"this tenant has its quota of {quota} jobs queued or running; {retry}", after)
+        # Cheap early answers so a full queue does not cost an upload to Redis; the script decides.
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.stream)
+            pipe.hget(self.tenants, tenant)
+            length, held = await pipe.execute()
+        if length >= settings.max_pending:
             raise full
+        if quota is not None and int(held or 0) >= quota:
+            raise over_quota
         meta_json = json.dumps(meta, separators=(",", ":"))
         job_id = new_job_id()
         now = _now()
         # The payload exists before the entry does, so no worker can see the entry without it.
         await self._store_packed(self.payload_key(job_id), files, self.settings.payload_ttl_s)
         entry = await self._submit(
-            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id)],
-            args=[settings.max_pending, job_id, now, meta_json, self._record_ttl],
+            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.tenants],
+            args=[settings.max_pending, job_id, now, meta_json, self._record_ttl, tenant, quota or 0],
         )
-        if entry is None:
+        if entry == 0:
             raise full
+        if entry == 1:
+            raise over_quota
         created = datetime.fromisoformat(now)
         return Job(id=job_id, status="queued", created_at=created, updated_at=created, deliveries=0)
 
@@ -459,7 +512,8 @@ class JobQueue:
             raise
 
     @_redis_errors
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """The job as it stands; JobNotFound for another ``tenant``'s job (None: any tenant, for workers)."""
         self._check_id(job_id)
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.record_key(job_id))
@@ -468,6 +522,8 @@ class JobQueue:
         if not fields:
             raise JobNotFound("job not found (unknown, expired or deleted)")
         record = {_text(k): _text(v) for k, v in fields.items()}
+        if tenant is not None and record.get("tenant") != tenant:
+            raise JobNotFound("job not found (unknown, expired or deleted)")
         status = record.get("status") or "queued"
         created = record.get("created_at") or _now()
         result = None
@@ -490,21 +546,21 @@ class JobQueue:
         )
 
     @_redis_errors
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, *, tenant: str | None = None) -> None:
         """Forget a job in any state; a worker still running it drops its result (complete() returns False)."""
         self._check_id(job_id)
-        if await self._delete_when(job_id, "") == 0:
+        if await self._delete_when(job_id, "", tenant) == 0:
             raise JobNotFound("job not found (unknown, expired or deleted)")
 
     @_redis_errors
-    async def delete_if_queued(self, job_id: str) -> bool:
+    async def delete_if_queued(self, job_id: str, *, tenant: str | None = None) -> bool:
         """Delete a job only while no worker has started it, atomically; False when it is gone or running.
 
         For callers that stopped waiting (a deadline, a hang-up): a job already running is left to
         finish, since reading the status and then deleting would race with a worker starting it.
         """
         self._check_id(job_id)
-        return await self._delete_when(job_id, "queued") == 1
+        return await self._delete_when(job_id, "queued", tenant) == 1
 
     @_redis_errors
     async def outputs(self, job_id: str, wanted: Callable[[str], bool], max_bytes: int) -> dict[str, bytes]:
@@ -541,7 +597,7 @@ class JobQueue:
         except ValueError as exc:  # changed under us (deleted and rewritten) or corrupted
             raise OutputNotAvailable(f"the kept outputs cannot be read: {exc}") from exc
 
-    async def _delete_when(self, job_id: str, status: str) -> int:
+    async def _delete_when(self, job_id: str, status: str, tenant: str | None) -> int:
         return int(
             await self._delete(
                 keys=[
@@ -550,12 +606,13 @@ class JobQueue:
                     self.payload_key(job_id),
                     self.result_key(job_id),
                     self.outputs_key(job_id),
+                    self.tenants,
                 ],
-                args=[self.group, self.channel(job_id), status],
+                args=[self.group, self.channel(job_id), status, tenant or ""],
             )
         )
 
-    async def wait(self, job_id: str, timeout_s: float) -> Job:
+    async def wait(self, job_id: str, timeout_s: float, *, tenant: str | None = None) -> Job:
         """The job as soon as it ends, or as it stands after ``timeout_s``.
 
         Subscribes before reading the status, so a completion between the two cannot be missed, and
@@ -571,7 +628,7 @@ class JobQueue:
                 await pubsub.subscribe(self.channel(job_id))
             except RedisError:
                 subscribed = False  # polling alone still answers, only later
-            job = await self.get(job_id)
+            job = await self.get(job_id, tenant=tenant)
             while job.status not in TERMINAL:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -585,7 +642,7 @@ class JobQueue:
                         await asyncio.sleep(min(step, max(0.0, deadline - loop.time())))
                 else:
                     await asyncio.sleep(step)
-                job = await self.get(job_id)
+                job = await self.get(job_id, tenant=tenant)
             return job
         finally:
             with contextlib.suppress(RedisError, OSError):
@@ -632,10 +689,10 @@ class JobQueue:
         await self.ensure_group()
         return await call()
 
-    async def _begin(self, consumer: str, entry_id: str, job_id: str, deliveries: int) -> Delivery | None:
+    async def _begin(self, consumer: str, entry_id: str, job_id: str, deliveries: int, tenant: str) -> Delivery | None:
         """Mark the job running for ``consumer``; None (entry dropped) when its record or payload is gone."""
         meta = await self._start(
-            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id)],
+            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.tenants],
             args=[
                 self.group,
                 entry_id,
@@ -646,6 +703,7 @@ class JobQueue:
                 self.channel(job_id),
                 f"the upload expired after waiting longer than {self.settings.payload_ttl_s} s in the queue; "
                 "submit it again",
+                tenant,
             ],
         )
         if meta is None:
@@ -683,11 +741,13 @@ class JobQueue:
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             assert entry_id is not None
-            job_id = _text((fields or {}).get(b"job_id") or (fields or {}).get("job_id"))
+            fields = fields or {}
+            job_id = _text(fields.get(b"job_id") or fields.get("job_id"))
+            tenant = _text(fields.get(b"tenant") or fields.get("tenant")) or ""
             if not job_id or not JOB_ID_RE.fullmatch(job_id):
                 await self._drop_entry(entry_id)  # not written by submit(): nothing to run
                 continue
-            delivery = await self._begin(consumer, entry_id, job_id, 1)
+            delivery = await self._begin(consumer, entry_id, job_id, 1, tenant)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
@@ -703,8 +763,9 @@ class JobQueue:
             lambda: self._claim(keys=[self.stream], args=[self.group, consumer, min_idle_ms, count])
         )
         out: list[Delivery] = []
-        for raw_id, raw_job, deliveries in claimed or []:
+        for raw_id, raw_job, deliveries, raw_tenant in claimed or []:
             entry_id, job_id, deliveries = _text(raw_id), _text(raw_job), int(deliveries)
+            tenant = _text(raw_tenant) or ""
             assert entry_id is not None and job_id is not None
             if not JOB_ID_RE.fullmatch(job_id):
                 await self._drop_entry(entry_id)
@@ -712,7 +773,7 @@ class JobQueue:
             if deliveries > self.settings.max_deliveries:
                 await self._dead_letter(entry_id, job_id, deliveries - 1)
                 continue
-            delivery = await self._begin(consumer, entry_id, job_id, deliveries)
+            delivery = await self._begin(consumer, entry_id, job_id, deliveries, tenant)
             if delivery is not None:
                 out.append(delivery)
         return out
@@ -804,7 +865,13 @@ class JobQueue:
         """
         job_id = delivery.job_id
         stored = await self._complete(
-            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.result_key(job_id)],
+            keys=[
+                self.stream,
+                self.record_key(job_id),
+                self.payload_key(job_id),
+                self.result_key(job_id),
+                self.tenants,
+            ],
             args=[
                 self.group,
                 delivery.entry_id,
@@ -825,7 +892,7 @@ class JobQueue:
     async def _finish_failed(self, delivery: Delivery, error: ServiceError, dead_letter: bool) -> None:
         job_id = delivery.job_id
         await self._fail(
-            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.dead],
+            keys=[self.stream, self.record_key(job_id), self.payload_key(job_id), self.dead, self.tenants],
             args=[
                 self.group,
                 delivery.entry_id,

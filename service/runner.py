@@ -19,6 +19,7 @@ import uvicorn
 
 from service import tracing
 from service.artifacts import ensure_artifact
+from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.engine import Engine, load_engine, warm_up
 from service.metrics import Metrics
@@ -57,10 +58,10 @@ def _client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, health_check_interval=30)
 
 
-def _http_server(settings: Settings, metrics: Metrics, client: aioredis.Redis) -> _Server:
+def _http_server(settings: Settings, metrics: Metrics, client: aioredis.Redis, authenticator: Authenticator) -> _Server:
     from service.gateway.app import create_app
 
-    app = create_app(settings, metrics, client)
+    app = create_app(settings, metrics, client, authenticator)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -76,12 +77,15 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
     from service.worker import Worker
 
     metrics = Metrics()
+    authenticator = Authenticator(settings)
+    if gateway:
+        check_exposure(settings, authenticator)  # before anything starts: an open port beyond loopback never does
     tracing.configure(settings.tracing, "serve" if gateway and worker else "gateway" if gateway else "worker")
     url, private = redis_url_or_private(settings.redis_url)
     client = _client(url)
     tasks: list[asyncio.Task] = []
     try:
-        server = _http_server(settings, metrics, client) if gateway else None
+        server = _http_server(settings, metrics, client, authenticator) if gateway else None
         runner = None
         ops = None
         if worker:
@@ -111,8 +115,8 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
             from service.grpc.server import build_server
 
             # Built and started in one step: its health loop watches a started server.
-            inference = inference_registration(settings, client, metrics)
-            rpc = build_server(settings, client, metrics, services=[inference])
+            inference = inference_registration(settings, client, metrics, authenticator)
+            rpc = build_server(settings, client, metrics, services=[inference], authenticator=authenticator)
             await rpc.start()
             tasks.append(asyncio.create_task(_grpc_until(rpc, server), name="grpc"))
             log.info("grpc on %s:%d", settings.host, settings.grpc_port)

@@ -24,12 +24,14 @@ async def submit_upload(
     limits: LimitSettings,
     modality_hint: str | None,
     *,
+    tenant: str,
     trace_parent: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Job:
     """Probe in a thread (header parsing is CPU work a gateway loop must not do inline), then submit; ``extra``
     joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery request).
-    ``trace_parent``: the caller's W3C trace headers, so the job's trace continues theirs."""
+    ``tenant``: who owns the job. ``trace_parent``: the caller's W3C trace headers, so the job's trace continues
+    theirs."""
     with tracing.span("c2p.submit", trace_parent, **{"c2p.files": len(files)}) as span:
         header = await asyncio.to_thread(probe, list(files), limits, modality_hint)
         meta = {
@@ -44,7 +46,7 @@ async def submit_upload(
         context = tracing.carrier()
         if context:
             meta["trace"] = context
-        job = await queue.submit(files, meta)
+        job = await queue.submit(files, meta, tenant=tenant)
         if span is not None:
             span.set_attributes({"c2p.job_id": job.id, "c2p.format": header.format, "c2p.slices": header.shape[0]})
         return job

@@ -23,9 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import outputs, presence
+from service.access import Access
+from service.auth import Authenticator
 from service.config import Settings
-from service.errors import InvalidRequest, ResultNotReady, ServiceError, Unavailable, from_code
+from service.errors import InvalidRequest, ResultNotReady, ServiceError, Unauthenticated, Unavailable, from_code
 from service.gateway import dicomweb, kserve, ui
+from service.gateway.identity import WWW_AUTHENTICATE, Caller, caller
 from service.gateway.uploads import BodyLimit, read_files
 from service.metrics import Metrics
 from service.queue import JobQueue
@@ -42,6 +45,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorInfo, "description": description}
     for status, description in (
         (400, "malformed request"),
+        (401, "missing or invalid credentials"),
         (404, "unknown, expired or deleted job"),
         (413, "upload or declared image over the limits"),
         (415, "not DICOM, NIfTI, PNG, JPEG or a zip of DICOM"),
@@ -60,12 +64,22 @@ def error_response(err: ServiceError, job_id: str | None = None) -> JSONResponse
     retry_after = getattr(err, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
+    if isinstance(err, Unauthenticated):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return JSONResponse(body, status_code=err.http_status, headers=headers)
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None, client: aioredis.Redis | None = None) -> FastAPI:
-    """The ASGI app. ``client`` lets tests and the embedded mode share a connection pool."""
+def create_app(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    client: aioredis.Redis | None = None,
+    authenticator: Authenticator | None = None,
+) -> FastAPI:
+    """The ASGI app. ``client`` lets tests and the embedded mode share a connection pool; ``authenticator`` lets
+    the REST and gRPC servers of one process share one (built here from the settings otherwise, so a broken key
+    file stops the start-up)."""
     metrics = metrics or Metrics()
+    authenticator = authenticator or Authenticator(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,6 +87,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         redis_client = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
         app.state.redis = redis_client
         app.state.queue = JobQueue(redis_client, settings.queue)
+        app.state.access = Access(settings, redis_client, authenticator)
         stopping = asyncio.Event()
         stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics, stopping))
         try:
@@ -94,6 +109,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_upload_bytes)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.access = Access(settings, client, authenticator)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, err: ServiceError) -> JSONResponse:
@@ -121,6 +137,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
 
     def queue_of(request: Request) -> JobQueue:
         return request.app.state.queue
+
+    def access_of(request: Request) -> Access:
+        return request.app.state.access
 
     @app.post(
         "/v1/segmentations",
@@ -151,6 +170,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
     async def submit(
         request: Request,
         response: Response,
+        principal: Caller,
         wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result")] = None,
         modality: Annotated[str | None, Query(description="modality hint for NIfTI/PNG/JPEG, e.g. CT, MR, US")] = None,
     ) -> Any:
@@ -160,11 +180,14 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         hint = _modality(modality)
         files = await read_files(request, settings.limits)
         queue = queue_of(request)
-        job = await submit_upload(queue, files, settings.limits, hint, trace_parent=request.headers)
+        job = await submit_upload(
+            queue, files, settings.limits, hint, tenant=principal.tenant, trace_parent=request.headers
+        )
         del files
+        await access_of(request).record("submit", principal, API, job.id)
         location = f"/v1/segmentations/{job.id}"
         if wait:
-            job = await queue.wait(job.id, wait)
+            job = await queue.wait(job.id, wait, tenant=principal.tenant)
         if job.status == "failed" and job.error is not None:
             metrics.request_failure.labels(API, job.error.code).inc()
             return error_response(from_code(job.error.code, job.error.message), job.id)
@@ -175,8 +198,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         return job
 
     @app.get("/v1/segmentations/{job_id}", response_model=Job, responses=ERROR_RESPONSES)
-    async def get_job(request: Request, job_id: str) -> Job:
-        return await queue_of(request).get(job_id)
+    async def get_job(request: Request, job_id: str, principal: Caller) -> Job:
+        job = await queue_of(request).get(job_id, tenant=principal.tenant)
+        await access_of(request).record("read", principal, API, job_id)
+        return job
 
     @app.get(
         "/v1/segmentations/{job_id}/result",
@@ -192,6 +217,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
     async def get_result(
         request: Request,
         job_id: str,
+        principal: Caller,
         fmt: Annotated[str, Query(alias="format", description="json, dicom-seg, nifti or png")] = "json",
         index: Annotated[int | None, Query(alias="slice", ge=0, description="png: slice (default: largest)")] = None,
     ) -> Response:
@@ -201,7 +227,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         if index is not None and fmt != "png":
             raise InvalidRequest("slice applies to format=png only")
         queue = queue_of(request)
-        job = await queue.get(job_id)
+        job = await queue.get(job_id, tenant=principal.tenant)
         if job.status == "failed" and job.error is not None:
             return error_response(from_code(job.error.code, job.error.message), job.id)
         if job.status != "succeeded" or job.result is None:
@@ -210,6 +236,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         budget = 4 * settings.limits.max_voxels + settings.limits.max_upload_bytes  # preview + headers, raw
         members = await queue.outputs(job_id, outputs.needed(fmt, index, result), budget)
         body = await run_in_threadpool(outputs.render, fmt, result, members, index)
+        await access_of(request).record("fetch", principal, API, job_id, format=fmt)
         name = f"{job_id}{outputs.EXTENSIONS[fmt]}"
         return Response(
             body,
@@ -218,8 +245,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
         )
 
     @app.delete("/v1/segmentations/{job_id}", status_code=204, responses=ERROR_RESPONSES)
-    async def delete_job(request: Request, job_id: str) -> Response:
-        await queue_of(request).delete(job_id)
+    async def delete_job(request: Request, job_id: str, principal: Caller) -> Response:
+        await queue_of(request).delete(job_id, tenant=principal.tenant)
+        await access_of(request).record("delete", principal, API, job_id)
         return Response(status_code=204)
 
     @app.get("/v2/health/live")
@@ -244,7 +272,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, client: aiore
     app.include_router(ui.router)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if not authenticator.public_metrics:
+            await caller(request)
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     return app

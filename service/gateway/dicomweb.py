@@ -24,19 +24,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import Principal
 from service.config import LimitSettings, Settings
 from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.gateway.identity import Caller
 from service.gateway.uploads import declared_length
 from service.inputs.sniff import quiet
 from service.metrics import Metrics
 from service.queue import JobQueue
+from service.schema import ErrorInfo
 from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,51 @@ REASONS = {
 
 UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
-router = APIRouter(tags=["DICOMweb"])
+# The answers as documented in the OpenAPI schema: DICOM JSON for 200/202/409 (PS3.18 10.5.3), the service's error
+# body for a request refused as a whole. The routes build their responses themselves; the router's default response
+# class is the bare Response only so that FastAPI does not document a 200 of application/json besides these.
+SOP_SEQUENCE = {
+    "type": "object",
+    "required": ["vr", "Value"],
+    "properties": {"vr": {"type": "string", "enum": ["SQ"]}, "Value": {"type": "array", "items": {"type": "object"}}},
+}
+STOW_RESULT = {
+    "content": {
+        MEDIA_DICOM_JSON: {
+            "schema": {
+                "type": "object",
+                "properties": {"00081199": SOP_SEQUENCE, "00081198": SOP_SEQUENCE},
+                "description": "ReferencedSOPSequence (stored, with RetrieveURL) and FailedSOPSequence (FailureReason)",
+            }
+        }
+    }
+}
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance accepted", **STOW_RESULT},
+    202: {"description": "some instances accepted, some refused", **STOW_RESULT},
+    409: {"description": "no instance accepted", **STOW_RESULT},
+    **{
+        status: {"model": ErrorInfo, "description": description}
+        for status, description in (
+            (400, "malformed request or multipart body"),
+            (401, "missing or invalid credentials"),
+            (413, "upload over the limits"),
+            (415, 'not multipart/related; type="application/dicom"'),
+            (503, "Redis unavailable"),
+        )
+    },
+}
+STOW_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "DICOM instances, one part each (Content-Type: application/dicom)",
+        "content": {
+            "multipart/related": {"schema": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+        },
+    }
+}
+
+router = APIRouter(tags=["DICOMweb"], default_response_class=Response, responses=STOW_RESPONSES)
 
 
 @dataclass
@@ -241,7 +288,7 @@ def stow_response(stored: Sequence[tuple[Instance, str]], failures: Sequence[Fai
     return status, body
 
 
-async def store(request: Request, study: str | None) -> JSONResponse:
+async def store(request: Request, principal: Principal, study: str | None) -> JSONResponse:
     settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
     parts = await read_parts(request, settings.limits)
@@ -254,7 +301,9 @@ async def store(request: Request, study: str | None) -> JSONResponse:
         # Named by position, not by UID: names reach error messages, and UIDs identify a patient's study.
         files = [(f"instance-{i.index + 1}.dcm", i.data) for i in members]
         try:
-            job = await submit_upload(queue, files, settings.limits, None, source=API, deliver=deliver)
+            job = await submit_upload(
+                queue, files, settings.limits, None, tenant=principal.tenant, source=API, deliver=deliver
+            )
         except ServiceError as err:
             if err.http_status >= 500:
                 raise  # Redis away: the whole request is retried by the sender, nothing half-stored matters
@@ -263,6 +312,7 @@ async def store(request: Request, study: str | None) -> JSONResponse:
             metrics.request_failure.labels(API, err.code).inc()
             log.info("STOW-RS: a series of %d instances refused: %s", len(members), err.code)
             continue
+        await request.app.state.access.record("submit", principal, API, job.id, instances=len(members))
         url = str(request.url_for("get_job", job_id=job.id))
         stored += [(i, url) for i in members]
         metrics.request_success.labels(API).inc()
@@ -274,11 +324,11 @@ async def store(request: Request, study: str | None) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=MEDIA_DICOM_JSON)
 
 
-@router.post("/dicomweb/studies", summary="STOW-RS: store instances (one job per series)")
-async def store_instances(request: Request) -> JSONResponse:
-    return await store(request, None)
+@router.post("/dicomweb/studies", summary="STOW-RS: store instances (one job per series)", openapi_extra=STOW_BODY)
+async def store_instances(request: Request, principal: Caller) -> JSONResponse:
+    return await store(request, principal, None)
 
 
-@router.post("/dicomweb/studies/{study}", summary="STOW-RS: store instances of one study")
-async def store_study_instances(request: Request, study: str) -> JSONResponse:
-    return await store(request, study)
+@router.post("/dicomweb/studies/{study}", summary="STOW-RS: store instances of one study", openapi_extra=STOW_BODY)
+async def store_study_instances(request: Request, study: str, principal: Caller) -> JSONResponse:
+    return await store(request, principal, study)

@@ -50,6 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from service import presence
+from service.auth import Principal
 from service.codecs import rle
 from service.config import LimitSettings, Settings
 from service.errors import (
@@ -60,9 +61,11 @@ from service.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     from_code,
 )
+from service.gateway.identity import WWW_AUTHENTICATE, Caller
 from service.gateway.uploads import declared_length
 from service.inputs import tensor
 from service.inputs.probe import normalise_hint
@@ -99,6 +102,8 @@ def v2_error(request: Request, err: ServiceError) -> JSONResponse:
     retry_after = getattr(err, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
+    if isinstance(err, Unauthenticated):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return JSONResponse({"error": err.message, "code": err.code}, status_code=err.http_status, headers=headers)
 
 
@@ -123,7 +128,27 @@ class V2Route(APIRoute):
         return route
 
 
-router = APIRouter(route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"])
+# Every error of these routes, as v2_error writes it; documented so that clients (and schemathesis) know the shape.
+V2_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "code"],
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+}
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"schema": V2_ERROR_SCHEMA}}}
+    for status, description in (
+        (400, "malformed request or tensor"),
+        (401, "missing or invalid credentials"),
+        (404, "unknown model or version"),
+        (413, "request or tensor over the limits"),
+        (422, "the job failed on this input"),
+        (429, "queue full: retry after the Retry-After header's seconds"),
+        (503, "Redis or workers unavailable, or the model not ready"),
+        (504, "no result within the wait; the job was deleted"),
+    )
+}
+
+router = APIRouter(route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"], responses=V2_ERRORS)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -214,17 +239,17 @@ PROPERTIES = {
 
 
 @router.get("/v2", summary="Server metadata")
-async def server_metadata() -> Response:
+async def server_metadata(principal: Caller) -> Response:
     return JSONResponse({"name": SERVER_NAME, "version": _server_version(), "extensions": []})
 
 
 @router.get("/v2/models/{model}", summary="Model metadata")
-async def model_metadata(request: Request, model: str) -> Response:
+async def model_metadata(request: Request, model: str, principal: Caller) -> Response:
     return await _metadata(request, model, None)
 
 
 @router.get("/v2/models/{model}/versions/{version}", summary="Model metadata, one version")
-async def model_version_metadata(request: Request, model: str, version: str) -> Response:
+async def model_version_metadata(request: Request, model: str, version: str, principal: Caller) -> Response:
     return await _metadata(request, model, version)
 
 
@@ -586,24 +611,127 @@ INFER_BODY = {
         "description": "An inference request: JSON, or JSON then binary tensor data (Inference-Header-Content-Length"
         " gives the JSON's length; gzip or deflate Content-Encoding accepted)",
         "content": {
-            "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "layout": {"type": "string", "description": ", ".join(tensor.LAYOUTS)},
+                                "modality": {"type": "string"},
+                                "timeout": {"type": "number", "minimum": 0, "description": "microseconds"},
+                                "binary_data_output": {"type": "boolean"},
+                            },
+                        },
+                        "inputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "datatype", "shape"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": [INPUT]},
+                                    "datatype": {"type": "string", "enum": list(DATATYPES)},
+                                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                                    "data": {"type": "array", "description": "flat, or nested as the shape"},
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {
+                                            "binary_data_size": {"type": "integer", "minimum": 0},
+                                            "layout": {"type": "string"},
+                                            "modality": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": list(OUTPUTS)},
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {"binary_data": {"type": "boolean"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": "length of the JSON part when binary tensor data follows it",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    ],
+    "responses": {
+        "200": {
+            "description": "the outputs: JSON, or JSON then binary output data when any output is binary",
+            "headers": {
+                HEADER_LENGTH: {
+                    "description": "length of the JSON part when binary output data follows it",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            },
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model_name", "model_version", "outputs"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "model_name": {"type": "string"},
+                            "model_version": {"type": "string"},
+                            "parameters": {"type": "object"},
+                            "outputs": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name", "datatype", "shape"],
+                                    "properties": {
+                                        "name": {"type": "string", "enum": list(OUTPUTS)},
+                                        "datatype": {"type": "string"},
+                                        "shape": {"type": "array", "items": {"type": "integer"}},
+                                        "data": {"type": "array"},
+                                        "parameters": {"type": "object"},
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
 }
 
 
 @router.post("/v2/models/{model}/infer", summary="Inference", openapi_extra=INFER_BODY)
-async def infer(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
+async def infer(request: Request, model: str, principal: Caller) -> Response:
+    return await _infer(request, principal, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Inference, one version", openapi_extra=INFER_BODY)
-async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
+async def infer_version(request: Request, model: str, version: str, principal: Caller) -> Response:
+    return await _infer(request, principal, model, version)
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
+async def _infer(request: Request, principal: Principal, model: str, version: str | None) -> Response:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     if model != ALIAS or version is not None:
@@ -617,9 +745,11 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         [inference.upload],
         settings.limits,
         inference.modality,
+        tenant=principal.tenant,
         trace_parent=request.headers,
         layout=inference.layout,
     )
+    await request.app.state.access.record("infer", principal, API, submitted.id)
     inference.upload = ("", b"")  # the queue holds it now; do not keep a second copy for the whole wait
     wait_s = settings.queue.max_wait_s
     if inference.timeout_s is not None:

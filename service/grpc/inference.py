@@ -39,6 +39,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service import presence
+from service.access import Access
+from service.auth import Authenticator
 from service.config import Settings
 from service.errors import (
     DeadlineExceeded,
@@ -68,7 +70,15 @@ from service.gateway.kserve import (
     served_by,
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
-from service.grpc.server import Registration, check_response_size, error_metadata, ready, status_code, trace_headers
+from service.grpc.server import (
+    Registration,
+    caller,
+    check_response_size,
+    error_metadata,
+    ready,
+    status_code,
+    trace_headers,
+)
 from service.inputs import Upload, tensor
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
@@ -85,9 +95,11 @@ DEADLINE_MARGIN_S = 0.1
 CONTENTS = {"UINT8": ("uint_contents", np.uint32), "FP32": ("fp32_contents", np.float32)}
 
 
-def inference_registration(settings: Settings, client: aioredis.Redis, metrics: Metrics) -> Registration:
+def inference_registration(
+    settings: Settings, client: aioredis.Redis, metrics: Metrics, authenticator: Authenticator | None = None
+) -> Registration:
     """What ``build_server(..., services=[...])`` needs to serve the protocol beside c2p.v1."""
-    service = InferenceService(settings, client, metrics)
+    service = InferenceService(settings, client, metrics, Access(settings, client, authenticator))
     return Registration(
         inference_pb2.DESCRIPTOR.services_by_name[SERVICE],
         lambda server: inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server),
@@ -258,10 +270,11 @@ class _Call:
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, settings: Settings, client: aioredis.Redis, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, metrics: Metrics, access: Access) -> None:
         self.settings = settings
         self.client = client
         self.metrics = metrics
+        self.access = access
         self.queue = JobQueue(client, settings.queue)
         self._announced: tuple[float, list[dict[str, Any]]] | None = None
 
@@ -276,7 +289,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ServerReadyResponse(ready=await ready(self.queue, self.client, self.settings.queue.prefix))
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=[])
+        async with self._errors(context):
+            await caller(context, self.access, API)
+            return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=[])
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """A flag, never NOT_FOUND: Triton answers unknown names and versions ``ready: false``, so clients branch on it
@@ -290,6 +305,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with self._errors(context):
+            await caller(context, self.access, API)
             served = await self._resolve(request.name, request.version or None)
             tensors = inference_pb2.ModelMetadataResponse.TensorMetadata
             return inference_pb2.ModelMetadataResponse(
@@ -303,6 +319,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         started = time.perf_counter()
         async with self._errors(context) as call:
+            principal = await caller(context, self.access, API)
             if request.model_name != ALIAS or request.model_version:
                 await self._resolve(request.model_name, request.model_version or None, fresh=False)
             inference = await asyncio.to_thread(parse_request, request, self.settings)
@@ -311,9 +328,11 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 [inference.upload],
                 self.settings.limits,
                 inference.modality,
+                tenant=principal.tenant,
                 trace_parent=trace_headers(context),
                 layout=inference.layout,
             )
+            await self.access.record("infer", principal, API, submitted.id)
             inference.upload = ("", b"")  # the queue holds it now: no second copy for the whole wait
             call.job_id = submitted.id
             job = await self._wait(submitted.id, inference.timeout_s, context)

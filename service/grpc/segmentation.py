@@ -18,12 +18,14 @@ from typing import Any
 
 import grpc
 
+from service.access import Access
+from service.auth import Principal
 from service.config import GrpcSettings, Settings
 from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
 from service.gateway.app import MODALITIES
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.convert import job_to_proto
-from service.grpc.server import API, JOB_ID_KEY, abort, check_response_size, service_errors, trace_headers
+from service.grpc.server import API, JOB_ID_KEY, abort, caller, check_response_size, service_errors, trace_headers
 from service.inputs import Upload
 from service.inputs.probe import normalise_hint
 from service.metrics import Metrics
@@ -38,36 +40,46 @@ DEADLINE_MARGIN_S = 0.1
 
 
 class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
-    def __init__(self, settings: Settings, queue: JobQueue, metrics: Metrics, config: GrpcSettings) -> None:
+    def __init__(
+        self, settings: Settings, queue: JobQueue, metrics: Metrics, config: GrpcSettings, access: Access
+    ) -> None:
         self.settings = settings
         self.queue = queue
         self.metrics = metrics
         self.config = config
+        self.access = access
 
     # -- RPCs ------------------------------------------------------------------------------------------
 
     async def Segment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
+            principal = await caller(context, self.access)
             files = [(f.name, f.data) for f in request.files]
             _check_files(files, self.settings)
             modality = request.modality if request.HasField("modality") else None
-            return await self._segment(files, modality, request.wait_seconds, context)
+            return await self._segment(principal, files, modality, request.wait_seconds, context)
 
     async def SegmentStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
+            principal = await caller(context, self.access)  # before a byte of the upload is read
             files, modality, wait_s = await self._receive(request_iterator)
-            return await self._segment(files, modality, wait_s, context)
+            return await self._segment(principal, files, modality, wait_s, context)
 
     async def GetSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
-            return self._reply(await self.queue.get(request.id))
+            principal = await caller(context, self.access)
+            reply = self._reply(await self.queue.get(request.id, tenant=principal.tenant))
+            await self.access.record("read", principal, API, request.id)
+            return reply
 
     async def WatchSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         """Polls: status changes (queued -> running) are not published, only the end is."""
         async with service_errors(context, self.metrics):
+            principal = await caller(context, self.access)
             last = None
+            await self.access.record("read", principal, API, request.id, watch=1)
             while True:
-                job = await self.queue.get(request.id)
+                job = await self.queue.get(request.id, tenant=principal.tenant)
                 if job.status != last:
                     yield self._reply(job)
                     last = job.status
@@ -77,21 +89,31 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
 
     async def DeleteSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
-            await self.queue.delete(request.id)
+            principal = await caller(context, self.access)
+            await self.queue.delete(request.id, tenant=principal.tenant)
+            await self.access.record("delete", principal, API, request.id)
             return segmentation_pb2.DeleteSegmentationResponse()
 
     # -- the submit path -------------------------------------------------------------------------------
 
     async def _segment(
-        self, files: list[Upload], modality: str | None, wait_s: float, context: grpc.aio.ServicerContext
+        self,
+        principal: Principal,
+        files: list[Upload],
+        modality: str | None,
+        wait_s: float,
+        context: grpc.aio.ServicerContext,
     ) -> Any:
         started = time.perf_counter()
         max_wait = self.settings.queue.max_wait_s
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
         hint = _modality(modality)
-        job = await submit_upload(self.queue, files, self.settings.limits, hint, trace_parent=trace_headers(context))
+        job = await submit_upload(
+            self.queue, files, self.settings.limits, hint, tenant=principal.tenant, trace_parent=trace_headers(context)
+        )
         del files
+        await self.access.record("submit", principal, API, job.id)
         if wait_s > 0:
             job = await self._wait(job, wait_s, context)
         if job.status == "failed" and job.error is not None:

@@ -31,6 +31,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.exceptions import RedisError
 
 from service import presence
+from service.access import Access
+from service.auth import Authenticator, Principal
 from service.config import GrpcSettings, Settings
 from service.errors import QueueFull, ResponseTooLarge, ServiceError
 from service.metrics import Metrics
@@ -96,9 +98,19 @@ async def service_errors(context: grpc.aio.ServicerContext, metrics: Metrics) ->
 # -- server ----------------------------------------------------------------------------------------------
 
 
-def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The call's metadata as a W3C carrier (``traceparent``, ``tracestate``), so a caller's trace continues."""
+def call_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata by (lower-case) key: credentials, and a W3C trace carrier (``traceparent``,
+    ``tracestate``) so a caller's trace continues."""
     return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
+trace_headers = call_metadata
+
+
+async def caller(context: grpc.aio.ServicerContext, access: Access, api: str = API) -> Principal:
+    """Who is calling, from ``authorization`` / ``x-api-key`` metadata; Unauthenticated otherwise. Every RPC but
+    health and readiness starts with it (a test calls each one without credentials)."""
+    return await access.caller(call_metadata(context), api)
 
 
 def check_response_size(size: int, limit: int, hint: str = "") -> None:
@@ -142,12 +154,13 @@ def build_server(
     metrics: Metrics,
     grpc_settings: GrpcSettings | None = None,
     services: Sequence[Registration] = (),
+    authenticator: Authenticator | None = None,
 ) -> grpc.aio.Server:
     """The server, bound to ``settings.host:settings.grpc_port`` (insecure), not yet started.
 
     Call it from the event loop that will run the server: it starts the health refresh there. Start it
     with ``await server.start()``; stop it with ``stop_server`` (health goes NOT_SERVING first).
-    ``grpc_settings`` defaults to ``settings.grpc``.
+    ``grpc_settings`` defaults to ``settings.grpc``; ``authenticator`` to one built from ``settings``.
     """
     # Imported here: the servicer module imports the error mapping above.
     from service.grpc import segmentation_pb2, segmentation_pb2_grpc
@@ -159,7 +172,7 @@ def build_server(
     queue = JobQueue(client, settings.queue)
 
     segmentation_pb2_grpc.add_SegmentationServicer_to_server(
-        SegmentationService(settings, queue, metrics, config), server
+        SegmentationService(settings, queue, metrics, config, Access(settings, client, authenticator)), server
     )
     for registration in services:
         registration.add(server)

@@ -13,6 +13,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from service.auth import entry_for, new_key
 from service.config import DicomWebSettings, QueueSettings
 from tests.service.harness import engine_for, free_port, make_settings, serving_http
 from tests.service.orthanc import orthanc_available, running_orthanc
@@ -52,13 +53,18 @@ def test_orthanc_study_goes_out_by_stow_rs_and_its_seg_comes_back(
     series = named_series()
     ct = [pydicom.dcmread(io.BytesIO(data)) for data in series]
     study_uid = str(ct[0].StudyInstanceUID)
-    settings = make_settings(redis_url, queue_settings, exported)
+    # Orthanc authenticates as a tenant of its own, with an API key in its DicomWeb server's HttpHeaders.
+    key = new_key()
+    settings = make_settings(redis_url, queue_settings, exported).model_copy(
+        update={"api_keys": entry_for("pacs", key)}
+    )
 
     async def run() -> None:
         # Each side needs the other's URL: our port is chosen first, Orthanc starts pointing at it, then the
         # service starts with Orthanc as its destination.
         port = free_port()
-        with running_orthanc(tmp_path / "orthanc", {"c2p": f"http://127.0.0.1:{port}/dicomweb/"}) as orthanc:
+        peer = {"Url": f"http://127.0.0.1:{port}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {key}"}}
+        with running_orthanc(tmp_path / "orthanc", {"c2p": peer}) as orthanc:
             settings.dicomweb = DicomWebSettings(
                 destination_url=f"{orthanc.dicomweb_url}/", attempts=5, backoff_s=0.5, timeout_s=30
             )
@@ -91,3 +97,5 @@ def test_orthanc_study_goes_out_by_stow_rs_and_its_seg_comes_back(
     written = caplog.text + out + err
     for identifier in (PATIENT_NAME, PATIENT_ID, "Doe", "7781"):
         assert identifier not in written, f"{identifier!r} reached the logs"
+    assert key not in written, "the API key reached the logs"
+    assert '"action":"submit","api":"stow-rs","tenant":"pacs"' in caplog.text  # audited as Orthanc's tenant

@@ -87,7 +87,7 @@ def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, exported: Path, t
         queue = JobQueue(client, settings)
         try:
             await queue.ensure_group()
-            job = await queue.submit(volume_upload(400), {"format": "nifti", "modality_hint": "MR"})
+            job = await queue.submit(volume_upload(400), {"format": "nifti", "modality_hint": "MR"}, tenant="t1")
             first = start_worker(exported, env, tmp_path / "first.log")
             try:
                 await wait_status(queue, job.id, {"running"}, 60)
@@ -121,7 +121,7 @@ def test_sigterm_drains_the_job_in_flight(redis_url: str, exported: Path, tmp_pa
         queue = JobQueue(client, QueueSettings(prefix=prefix))
         try:
             await queue.ensure_group()
-            job = await queue.submit(volume_upload(200), {"format": "nifti"})
+            job = await queue.submit(volume_upload(200), {"format": "nifti"}, tenant="t1")
             worker = start_worker(exported, env, tmp_path / "worker.log")
             await wait_status(queue, job.id, {"running"}, 60)
             worker.send_signal(signal.SIGTERM)

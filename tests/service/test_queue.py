@@ -54,7 +54,7 @@ def make_queue(client: aioredis.Redis, settings: QueueSettings, **changes: Any) 
 
 async def submit_and_read(queue: JobQueue, consumer: str = "w1") -> Delivery:
     await queue.ensure_group()
-    job = await queue.submit(FILES, META)
+    job = await queue.submit(FILES, META, tenant="t1")
     (delivery,) = await queue.read(consumer, count=10, block_ms=0)
     assert delivery.job_id == job.id
     return delivery
@@ -64,7 +64,7 @@ async def test_submit_read_complete_get(redis_client: aioredis.Redis, queue_sett
     queue = make_queue(redis_client, queue_settings)
     await queue.ensure_group()
     await queue.ensure_group()  # BUSYGROUP is tolerated
-    job = await queue.submit(FILES, META)
+    job = await queue.submit(FILES, META, tenant="t1")
     assert job.status == "queued" and job.deliveries == 0 and len(job.id) == 22
     assert (await queue.get(job.id)).status == "queued"
     assert await redis_client.ttl(queue.payload_key(job.id)) > queue_settings.payload_ttl_s - 5
@@ -111,7 +111,7 @@ async def test_wait_wakes_on_completion(redis_client: aioredis.Redis, queue_sett
 
 async def test_wait_times_out_with_the_current_job(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
     queue = make_queue(redis_client, queue_settings)
-    job = await queue.submit(FILES, META)
+    job = await queue.submit(FILES, META, tenant="t1")
     started = time.perf_counter()
     still = await queue.wait(job.id, timeout_s=0.3)
     assert 0.3 <= time.perf_counter() - started < 0.6
@@ -130,7 +130,7 @@ async def test_wait_sees_a_failure_and_a_deletion(redis_client: aioredis.Redis, 
     failed = await asyncio.wait_for(waiter, 1)
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "invalid_image"
 
-    other = await queue.submit(FILES, META)
+    other = await queue.submit(FILES, META, tenant="t1")
     waiter = asyncio.create_task(queue.wait(other.id, timeout_s=10))
     await asyncio.sleep(0.05)
     await queue.delete(other.id)
@@ -141,23 +141,23 @@ async def test_wait_sees_a_failure_and_a_deletion(redis_client: aioredis.Redis, 
 async def test_queue_full(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
     queue = make_queue(redis_client, queue_settings, max_pending=2, retry_after_s=7)
     await queue.ensure_group()
-    await queue.submit(FILES, META)
-    await queue.submit(FILES, META)
+    await queue.submit(FILES, META, tenant="t1")
+    await queue.submit(FILES, META, tenant="t1")
     with pytest.raises(QueueFull) as caught:
-        await queue.submit(FILES, META)
+        await queue.submit(FILES, META, tenant="t1")
     assert caught.value.retry_after_s == 7 and caught.value.http_status == 429
     (delivery, _) = await queue.read("w1", count=2, block_ms=0)
     with pytest.raises(QueueFull):  # running jobs count too
-        await queue.submit(FILES, META)
+        await queue.submit(FILES, META, tenant="t1")
     await queue.complete(delivery, result_json("m"))
-    await queue.submit(FILES, META)
+    await queue.submit(FILES, META, tenant="t1")
 
 
 async def test_concurrent_submits_never_exceed_the_cap(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
     queue = make_queue(redis_client, queue_settings, max_pending=20)
-    outcomes = await asyncio.gather(*(queue.submit(FILES, META) for _ in range(50)), return_exceptions=True)
+    outcomes = await asyncio.gather(*(queue.submit(FILES, META, tenant="t1") for _ in range(50)), return_exceptions=True)
     accepted = [o for o in outcomes if not isinstance(o, BaseException)]
     refused = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(accepted) == 20 and all(isinstance(o, QueueFull) for o in refused)
@@ -170,8 +170,8 @@ async def test_concurrent_submits_never_exceed_the_cap(
 async def test_delete_while_queued(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
     queue = make_queue(redis_client, queue_settings)
     await queue.ensure_group()
-    job = await queue.submit(FILES, META)
-    kept = await queue.submit(FILES, META)
+    job = await queue.submit(FILES, META, tenant="t1")
+    kept = await queue.submit(FILES, META, tenant="t1")
     await queue.delete(job.id)
     with pytest.raises(JobNotFound):
         await queue.get(job.id)
@@ -229,7 +229,7 @@ async def test_unknown_garbage_and_expired_ids(redis_client: aioredis.Redis, que
         with pytest.raises(JobNotFound):
             await queue.delete(job_id)
     await queue.ensure_group()
-    expired = await queue.submit(FILES, META)
+    expired = await queue.submit(FILES, META, tenant="t1")
     await redis_client.pexpire(queue.record_key(expired.id), 1)
     await asyncio.sleep(0.01)
     with pytest.raises(JobNotFound):
@@ -241,7 +241,7 @@ async def test_unknown_garbage_and_expired_ids(redis_client: aioredis.Redis, que
 async def test_an_expired_upload_fails_the_job(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
     queue = make_queue(redis_client, queue_settings)
     await queue.ensure_group()
-    job = await queue.submit(FILES, META)
+    job = await queue.submit(FILES, META, tenant="t1")
     await redis_client.delete(queue.payload_key(job.id))  # as if payload_ttl_s ran out in the queue
     assert await queue.read("w1", count=10, block_ms=0) == []
     failed = await queue.get(job.id)
@@ -355,7 +355,7 @@ async def test_stats_counts_lag_on_redis_7(redis_client: aioredis.Redis, queue_s
     queue = make_queue(redis_client, queue_settings)
     await queue.ensure_group()
     for _ in range(3):
-        await queue.submit(FILES, META)
+        await queue.submit(FILES, META, tenant="t1")
     await queue.read("w1", count=1, block_ms=0)
     stats = await queue.stats()
     assert (stats.length, stats.pending, stats.consumers) == (3, 1, 1)
@@ -368,7 +368,7 @@ async def test_stats_counts_lag_on_redis_7(redis_client: aioredis.Redis, queue_s
 
 async def test_read_recreates_a_lost_group(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
     queue = make_queue(redis_client, queue_settings)
-    job = await queue.submit(FILES, META)  # before any worker created the group
+    job = await queue.submit(FILES, META, tenant="t1")  # before any worker created the group
     (delivery,) = await queue.read("w1", count=1, block_ms=0)
     assert delivery.job_id == job.id
     assert await queue.reclaim("w1") == []
@@ -381,7 +381,7 @@ async def test_a_name_the_container_cannot_hold_is_a_bad_request(
 ) -> None:
     queue = make_queue(redis_client, queue_settings)
     with pytest.raises(InvalidRequest):
-        await queue.submit([("x" * 70_000, b"")], META)
+        await queue.submit([("x" * 70_000, b"")], META, tenant="t1")
     assert (await queue.stats()).length == 0
 
 
@@ -392,11 +392,11 @@ async def test_redis_down_means_unavailable() -> None:
         queue = JobQueue(client, settings)
         try:
             assert await queue.ping() is True
-            job = await queue.submit(FILES, META)
+            job = await queue.submit(FILES, META, tenant="t1")
             server.stop()
             assert await queue.ping() is False
             calls = (
-                lambda: queue.submit(FILES, META),
+                lambda: queue.submit(FILES, META, tenant="t1"),
                 lambda: queue.get(job.id),
                 lambda: queue.delete(job.id),
                 lambda: queue.wait(job.id, 1),
@@ -415,7 +415,7 @@ async def test_delete_if_queued_leaves_running_jobs_alone(
 ) -> None:
     queue = make_queue(redis_client, queue_settings)
     await queue.ensure_group()
-    waiting = await queue.submit([("a.png", b"x")], {})
+    waiting = await queue.submit([("a.png", b"x")], {}, tenant="t1")
     assert await queue.delete_if_queued(waiting.id)
     with pytest.raises(JobNotFound):
         await queue.get(waiting.id)
