@@ -9,6 +9,11 @@ job ends (``kept_members``), in one value beside the result with the same lifeti
     preview/00000       each slice as the network saw its intensities (windowed to uint8), raw [Y, X] or [Y, X, 3]
     dicom/00000.dcm     each source instance's header, without pixel data (DICOM inputs only)
 
+With ``worker.deidentify`` on, the headers stored are de-identified first (``deidentified``, PS3.15 basic profile,
+service/codecs/deidentify.py), so a DICOM SEG a caller downloads carries no patient identifiers; a SEG the worker
+forwards to the source PACS is made from the members as ``kept_members`` made them, which must match the patient
+there.
+
 Members are separate so the gateway reads only what one answer needs (one slice's preview for a viewer
 scrolling a volume). ``render`` makes a format from the result and those members; ``c2p segment`` goes through the
 same function with members made in memory, so a file written locally and one fetched from the service agree.
@@ -83,6 +88,28 @@ def kept_members(volume: Volume, result: SegmentationResult) -> list[tuple[str, 
             index["dicom"] = {"instances": len(headers), "slices": slices}
             members += [(header_name(i), blob) for i, blob in enumerate(blobs)]
     return [(INDEX, json.dumps(index).encode()), *members]
+
+
+def deidentified(members: list[tuple[str, bytes]], volume: Volume) -> list[tuple[str, bytes]]:
+    """``kept_members``' members with the DICOM headers replaced by de-identified ones, made from the volume's headers
+    in the same order (one UID mapping for the series, so the slice map and the SEG's references stay consistent).
+    Fails closed: headers that cannot be de-identified are dropped and the index says so, so no DICOM SEG rather
+    than one with identifiers. Runs in a thread, as ``kept_members``."""
+    from service.codecs.deidentify import deidentify_series  # dicom-anonymizer: loaded only where this is on
+
+    index = json.loads(dict(members)[INDEX])
+    dicom = index.get("dicom")
+    if not dicom or "error" in dicom:
+        return members  # no headers were kept
+    others = [(name, blob) for name, blob in members if name != INDEX and not name.startswith("dicom/")]
+    try:
+        blobs = dicom_headers.encode_headers(deidentify_series(volume.source["headers"]))
+    except Exception as exc:  # the library on an attribute it cannot handle, or a header it leaves unwritable
+        # Only the type: a message may quote the value (patient data) it failed on.
+        log.warning("the source headers cannot be de-identified (%s); no DICOM SEG will be kept", type(exc).__name__)
+        index["dicom"] = {"error": "the source headers could not be de-identified"}
+        return [(INDEX, json.dumps(index).encode()), *others]
+    return [(INDEX, json.dumps(index).encode()), *others, *((header_name(i), blob) for i, blob in enumerate(blobs))]
 
 
 def needed(format_: str, slice_index: int | None, result: SegmentationResult) -> Callable[[str], bool]:

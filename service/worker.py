@@ -189,7 +189,10 @@ class Worker:
             if self.settings.worker.keep_outputs or forward:
                 members = await asyncio.to_thread(outputs.kept_members, segmentation.volume, segmentation.result)
             if self.settings.worker.keep_outputs:
-                await self.queue.store_outputs(delivery.job_id, members)
+                kept = members  # a forwarded SEG is made from ``members``: the PACS's own patient and UIDs
+                if self.settings.worker.deidentify:
+                    kept = await asyncio.to_thread(outputs.deidentified, members, segmentation.volume)
+                await self.queue.store_outputs(delivery.job_id, kept)
             stored = await self.queue.complete(delivery, segmentation.result.model_dump_json())
             self.metrics.jobs.labels("succeeded" if stored else "duplicate").inc()
             if not stored and self.settings.worker.keep_outputs:
