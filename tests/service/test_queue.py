@@ -157,7 +157,9 @@ async def test_concurrent_submits_never_exceed_the_cap(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
     queue = make_queue(redis_client, queue_settings, max_pending=20)
-    outcomes = await asyncio.gather(*(queue.submit(FILES, META, tenant="t1") for _ in range(50)), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(queue.submit(FILES, META, tenant="t1") for _ in range(50)), return_exceptions=True
+    )
     accepted = [o for o in outcomes if not isinstance(o, BaseException)]
     refused = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(accepted) == 20 and all(isinstance(o, QueueFull) for o in refused)
