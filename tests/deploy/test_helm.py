@@ -5,12 +5,14 @@ one: each profile and toggle renders, every built-in manifest passes the API ser
 misspelt field is an error, not silently dropped), the custom resources (KEDA, Prometheus operator) point at
 objects that exist, and the properties the service relies on hold: non-root read-only containers, a grace period
 that outlasts the worker's drain, GPUs only where the profile asks, env names the service accepts (it refuses to
-start on an unknown ``C2P_*``), probes on the right paths and ports, a Redis that never evicts jobs, workers fenced
-off by NetworkPolicy, and a dashboard that only queries metrics the code exports.
+start on an unknown ``C2P_*``), a gateway that has credentials (it refuses to start without them), probes on the
+right paths and ports, a Redis that never evicts jobs, workers fenced off by NetworkPolicy, and a dashboard that only
+queries metrics the code exports.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -29,6 +31,7 @@ import pytest
 import redis
 import yaml
 
+from service.auth import Authenticator, check_exposure, entry_for, new_key
 from service.config import Settings, unknown_variables
 from service.metrics import GpuCollector, Metrics
 
@@ -51,7 +54,18 @@ ALL_ON = [
 ]
 CPU = ["-f", str(CHART / "values-cpu.yaml")]
 GPU = ["-f", str(CHART / "values-gpu.yaml")]
-SCENARIOS: dict[str, list[str]] = {
+# The gateway refuses to start without credentials, and so the chart refuses to render: every scenario but the OIDC
+# one has a Secret of API key entries.
+KEYS_SECRET = "c2p-api-keys"
+KEYS = ["--set", f"gateway.auth.keysSecret={KEYS_SECRET}"]
+KEYS_FILE = "/etc/c2p/auth/keys"
+OIDC = [
+    *("--set", "gateway.auth.oidc.issuer=https://login.example.org/realms/imaging"),
+    *("--set", "gateway.auth.oidc.audience=c2p-serve"),
+    *("--set", "gateway.auth.oidc.jwksUrl=https://login.example.org/realms/imaging/protocol/openid-connect/certs"),
+    *("--set", "gateway.auth.oidc.tenantClaim=tid"),
+]
+_SCENARIOS: dict[str, list[str]] = {
     "default": [],
     "gpu": GPU,
     "cpu": CPU,
@@ -103,6 +117,15 @@ SCENARIOS: dict[str, list[str]] = {
         *("--set", "tracing.sampleRatio=0.25"),
     ],
 }
+SCENARIOS: dict[str, list[str]] = {name: [*KEYS, *args] for name, args in _SCENARIOS.items()}
+# Tokens only, no API keys; the tenant quotas and the audit stream's cap ride along.
+SCENARIOS["oidc"] = [
+    *ALL_ON,
+    *OIDC,
+    *("--set", "queue.tenantMaxPending=200"),
+    *("--set-json", 'queue.tenantQuotas={"radiology":500,"research":50}'),
+    *("--set", "gateway.auth.auditStreamMaxLen=0"),
+]
 CPU_SCENARIOS = {"cpu", "cpu-all-on"}
 KEDA_SCENARIOS = [name for name, args in SCENARIOS.items() if "keda.enabled=true" in args]
 
@@ -253,7 +276,9 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
 
 
 @pytest.mark.parametrize(
-    "values", [[], CPU, GPU, ALL_ON, [*CPU, *ALL_ON]], ids=["default", "cpu", "gpu", "all-on", "cpu-all-on"]
+    "values",
+    [KEYS, [*KEYS, *CPU], [*KEYS, *GPU], [*KEYS, *ALL_ON], [*KEYS, *CPU, *ALL_ON], [*OIDC, *ALL_ON]],
+    ids=["default", "cpu", "gpu", "all-on", "cpu-all-on", "oidc"],
 )
 def test_helm_lint_strict(values: list[str]) -> None:
     """``helm lint --strict`` turns lint warnings into failures, so template mistakes show up before an install."""
@@ -458,6 +483,110 @@ def test_options_reach_the_containers() -> None:
     assert ref["valueFrom"]["secretKeyRef"] == {"name": "c2p-redis", "key": "redis-url"}
 
 
+# -- authentication -------------------------------------------------------------------------------------------------
+
+
+def _auth_volume(doc: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The container's mount of /etc/c2p/auth and the pod volume behind it, or (None, None)."""
+    c = pod_spec(doc)["containers"][0]
+    mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == os.path.dirname(KEYS_FILE)), None)
+    if mount is None:
+        return None, None
+    volume = next(v for v in pod_spec(doc)["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+@pytest.mark.parametrize("scenario", [name for name, args in SCENARIOS.items() if KEYS[1] in args])
+def test_keys_file_is_mounted_from_the_secret(scenario: str) -> None:
+    """The entries come from the Secret as a file the gateway re-reads, so keys rotate without a restart: a volume
+    (not an env var, fixed at start; not a subPath mount, which the kubelet never updates), read-only, with
+    C2P_AUTH__KEYS_FILE pointing at the Secret's key "keys" inside it."""
+    docs = rendered(scenario)
+    gateway = workload(docs, "gateway")
+    env = env_of(pod_spec(gateway)["containers"][0])
+    assert env["C2P_AUTH__KEYS_FILE"] == KEYS_FILE
+    assert "C2P_API_KEYS" not in env, "the entries belong in the mounted file, not in the manifest"
+    mount, volume = _auth_volume(gateway)
+    assert mount is not None and volume is not None, "the keys Secret is not mounted at /etc/c2p/auth"
+    assert mount.get("readOnly") is True and "subPath" not in mount and "subPathExpr" not in mount, mount
+    secret = volume["secret"]
+    assert secret["secretName"] == KEYS_SECRET and not secret.get("optional"), secret
+    path = next((i["path"] for i in secret.get("items", []) if i["key"] == "keys"), "keys")
+    assert os.path.join(mount["mountPath"], path) == KEYS_FILE
+    worker = workload(docs, "worker")
+    assert _auth_volume(worker) == (None, None), "workers serve no API: they need no keys"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_only_the_gateway_gets_auth_and_quota_settings(scenario: str) -> None:
+    """Workers serve no API and admit no jobs; a quota change must not restart the GPU workers."""
+    worker = env_of(pod_spec(workload(rendered(scenario), "worker"))["containers"][0])
+    gated = [n for n in worker if n.startswith(("C2P_AUTH__", "C2P_API_KEYS", "C2P_QUEUE__TENANT_"))]
+    assert not gated, f"worker env carries gateway-only settings: {gated}"
+    gateway = env_of(pod_spec(workload(rendered(scenario), "gateway"))["containers"][0])
+    # Prometheus (serviceMonitor) scrapes the gateway's /metrics without credentials.
+    assert gateway["C2P_AUTH__PUBLIC_METRICS"] == "true"
+
+
+def test_oidc_settings_reach_the_gateway() -> None:
+    """Issuer, audience, JWKS URL and tenant claim become the gateway's OIDC settings; with no keysSecret there is
+    no keys file; quotas and the audit stream's cap arrive as the service parses them."""
+    docs = rendered("oidc")
+    gateway = workload(docs, "gateway")
+    env = env_of(pod_spec(gateway)["containers"][0])
+    assert env["C2P_AUTH__OIDC_ISSUER"] == "https://login.example.org/realms/imaging"
+    assert env["C2P_AUTH__OIDC_AUDIENCE"] == "c2p-serve"
+    assert env["C2P_AUTH__JWKS_URL"] == "https://login.example.org/realms/imaging/protocol/openid-connect/certs"
+    assert env["C2P_AUTH__TENANT_CLAIM"] == "tid"
+    assert env["C2P_AUTH__AUDIT_STREAM_MAX_LEN"] == "0"
+    assert env["C2P_QUEUE__TENANT_MAX_PENDING"] == "200"
+    assert json.loads(env["C2P_QUEUE__TENANT_QUOTAS"] or "") == {"radiology": 500, "research": 50}
+    assert "C2P_AUTH__KEYS_FILE" not in env and _auth_volume(gateway) == (None, None)
+    default = env_of(pod_spec(workload(rendered("default"), "gateway"))["containers"][0])
+    absent = ("C2P_AUTH__OIDC_ISSUER", "C2P_AUTH__OIDC_AUDIENCE", "C2P_AUTH__JWKS_URL", "C2P_AUTH__TENANT_CLAIM")
+    assert not [n for n in absent if n in default], "OIDC settings rendered without an issuer"
+    assert not [n for n in default if n.startswith("C2P_QUEUE__TENANT_") or n == "C2P_AUTH__AUDIT_STREAM_MAX_LEN"]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_gateway_as_rendered_would_start(scenario: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's own start-up check (``check_exposure``: no credentials on 0.0.0.0 means no start) passes with
+    the gateway's environment, the keys file standing in for the mounted Secret; without the chart's auth settings
+    the same check refuses, so this test can fail."""
+    env = env_of(pod_spec(workload(rendered(scenario), "gateway"))["containers"][0])
+    key = new_key()
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# the Secret's content\n{entry_for('radiology', key)}\n")
+    for name in [n for n in os.environ if n.upper().startswith("C2P_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(name, str(keys_file) if name == "C2P_AUTH__KEYS_FILE" else value)
+    settings = Settings()
+    authenticator = Authenticator(settings)
+    check_exposure(settings, authenticator)
+    assert not authenticator.open
+    if "C2P_AUTH__KEYS_FILE" in env:
+        principal = asyncio.run(authenticator.authenticate({"authorization": f"Bearer {key}"}))
+        assert principal.tenant == "radiology"
+    for name in [n for n in env if n.startswith("C2P_AUTH__") or n == "C2P_API_KEYS"]:
+        monkeypatch.delenv(name, raising=False)
+    bare = Settings()
+    with pytest.raises(ValueError, match="refusing to listen"):
+        check_exposure(bare, Authenticator(bare))
+
+
+def test_credentials_given_by_hand_count() -> None:
+    """C2P_API_KEYS from a Secret of one's own (gateway.extraEnv) is credentials enough to render."""
+    ref = '[{"name":"C2P_API_KEYS","valueFrom":{"secretKeyRef":{"name":"my-keys","key":"entries"}}}]'
+    result = template("--set-json", f"gateway.extraEnv={ref}")
+    assert result.returncode == 0, result.stderr
+    gateway = next(
+        d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Deployment" and component(d) == "gateway"
+    )
+    assert "C2P_API_KEYS" in env_of(pod_spec(gateway)["containers"][0])
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_probes_use_the_health_endpoints_on_the_right_ports(scenario: str) -> None:
     """Liveness depends on nothing, readiness on Redis and a warm engine; the worker answers on its ops port."""
@@ -626,7 +755,7 @@ def test_scaled_object_scales_the_worker_on_the_consumer_group_lag(scenario: str
             assert any(s["metadata"]["name"] == service for s in of_kind(docs, "Service"))
 
 
-@pytest.mark.parametrize("scenario", ["all-on", "cpu-all-on", "external-redis"])
+@pytest.mark.parametrize("scenario", ["all-on", "cpu-all-on", "external-redis", "oidc"])
 def test_service_monitors_select_services_with_those_ports(scenario: str) -> None:
     """A ServiceMonitor whose selector or port name misses its Service scrapes nothing and raises no error."""
     docs = rendered(scenario)
@@ -658,7 +787,7 @@ def _rule_ports(rule: dict[str, Any]) -> set[int | str] | None:
 
 
 @pytest.mark.parametrize(
-    "scenario", ["all-on", "cpu-all-on", "external-redis", "external-redis-secret", "options", "tracing"]
+    "scenario", ["all-on", "cpu-all-on", "external-redis", "external-redis-secret", "options", "tracing", "oidc"]
 )
 def test_network_policies_fence_the_workers_and_redis(scenario: str) -> None:
     """Workers take no traffic but scrapes and talk only to Redis and DNS (+ configured destinations); only the
@@ -832,23 +961,73 @@ def test_profile_files_only_set_existing_values(profile: str) -> None:
             assert path in known, f"{profile}: {path} is not a value of the chart"
 
 
+NO_CREDENTIALS = "the gateway needs credentials and refuses to start without them: set gateway.auth.keysSecret"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "worker.profile=tpu"], "worker.profile must be gpu or cpu"),
-        (["--set", "keda.enabled=true", "--set", "keda.minReplicaCount=0"], "readinessPath"),
-        (["--set", "worker.terminationGracePeriodSeconds=30"], "worker.terminationGracePeriodSeconds (30) must exceed"),
-        (["--set", "gateway.terminationGracePeriodSeconds=30"], "gateway.terminationGracePeriodSeconds"),
-        (["--set", "redis.enabled=false"], "set redisUrl or redis.externalUrlSecret.name"),
+        ([*KEYS, "--set", "worker.profile=tpu"], "worker.profile must be gpu or cpu"),
+        ([*KEYS, "--set", "keda.enabled=true", "--set", "keda.minReplicaCount=0"], "readinessPath"),
         (
-            ["--set", "redis.enabled=false", "--set", "redis.externalUrlSecret.name=x", "--set", "keda.enabled=true"],
+            [*KEYS, "--set", "worker.terminationGracePeriodSeconds=30"],
+            "worker.terminationGracePeriodSeconds (30) must exceed",
+        ),
+        ([*KEYS, "--set", "gateway.terminationGracePeriodSeconds=30"], "gateway.terminationGracePeriodSeconds"),
+        ([*KEYS, "--set", "redis.enabled=false"], "set redisUrl or redis.externalUrlSecret.name"),
+        (
+            [
+                *KEYS,
+                "--set",
+                "redis.enabled=false",
+                "--set",
+                "redis.externalUrlSecret.name=x",
+                "--set",
+                "keda.enabled=true",
+            ],
             "keda.address",
         ),
+        ([], NO_CREDENTIALS),
+        ([*CPU, *ALL_ON], NO_CREDENTIALS),
+        (["--set", "gateway.auth.oidc.audience=c2p-serve"], NO_CREDENTIALS),
+        (
+            ["--set", "gateway.auth.oidc.issuer=https://login.example.org/realms/imaging"],
+            "gateway.auth.oidc.issuer needs gateway.auth.oidc.audience",
+        ),
+        (
+            [*KEYS, "--set", "gateway.auth.oidc.jwksUrl=https://login.example.org/certs"],
+            "need gateway.auth.oidc.issuer",
+        ),
+        (
+            [*KEYS, "--set", "serviceMonitor.enabled=true", "--set", "gateway.auth.publicMetrics=false"],
+            "serviceMonitor.enabled with gateway.auth.publicMetrics=false",
+        ),
+        ([*KEYS, "--set-string", "queue.tenantMaxPending=lots"], "queue.tenantMaxPending must be a whole number >= 1"),
+        (
+            [*KEYS, "--set", "gateway.auth.auditStreamMaxLen=-1"],
+            "gateway.auth.auditStreamMaxLen must be a whole number",
+        ),
     ],
-    ids=["profile", "scale-to-zero-deadlock", "worker-grace", "gateway-grace", "no-redis", "keda-no-address"],
+    ids=[
+        "profile",
+        "scale-to-zero-deadlock",
+        "worker-grace",
+        "gateway-grace",
+        "no-redis",
+        "keda-no-address",
+        "no-credentials",
+        "no-credentials-all-on",
+        "audience-without-issuer",
+        "issuer-without-audience",
+        "jwks-without-issuer",
+        "private-metrics-with-service-monitor",
+        "tenant-max-pending",
+        "audit-stream-max-len",
+    ],
 )
 def test_chart_refuses_broken_combinations(args: list[str], message: str) -> None:
-    """Combinations that would install and then misbehave (killed drains, a scale-from-zero deadlock) fail early."""
+    """Combinations that would install and then misbehave (a gateway that refuses to start for want of credentials,
+    killed drains, a scale-from-zero deadlock) fail early."""
     result = template(*args)
     assert result.returncode != 0, f"rendered although it should not: {args}"
     assert message in result.stderr, result.stderr

@@ -176,3 +176,46 @@ seccompProfile:
 {{- get (dict "http" "80" "https" "443" "redis" "6379" "rediss" "6379") $url.scheme | default "443" }}
 {{- end }}
 {{- end }}
+
+{{/* A whole number from values, as a string: (dict "value" V "name" "queue.tenantMaxPending" "min" 1). Numbers from
+values files arrive as float64, from --set-string as strings; anything else would crash-loop the service. */}}
+{{- define "c2p-serve.wholeNumber" -}}
+{{- $ok := false }}
+{{- if kindIs "string" .value }}
+{{- $ok = regexMatch "^[0-9]+$" .value }}
+{{- else if or (kindIs "float64" .value) (kindIs "int64" .value) (kindIs "int" .value) }}
+{{- $ok = eq (float64 (int64 .value)) (float64 .value) }}
+{{- end }}
+{{- if or (not $ok) (lt (int64 .value) (int64 .min)) }}
+{{- fail (printf "%s must be a whole number >= %d, not %v" .name (int64 .min) .value) }}
+{{- end }}
+{{- int64 .value }}
+{{- end }}
+
+{{/* The gateway binds 0.0.0.0 and refuses to start without credentials, so a release without any would only
+crash-loop: refuse to render it. API keys or an issuer given by hand (config, gateway.extraEnv) count too. */}}
+{{- define "c2p-serve.checkAuth" -}}
+{{- $auth := .Values.gateway.auth }}
+{{- $names := keys .Values.config }}
+{{- range .Values.gateway.extraEnv }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- $byHand := false }}
+{{- range list "C2P_API_KEYS" "C2P_AUTH__KEYS_FILE" "C2P_AUTH__OIDC_ISSUER" }}
+{{- if has . $names }}
+{{- $byHand = true }}
+{{- end }}
+{{- end }}
+{{- if not (or $auth.keysSecret $auth.oidc.issuer $byHand) }}
+{{- fail "the gateway needs credentials and refuses to start without them: set gateway.auth.keysSecret (a Secret whose key \"keys\" holds entries made by `c2p keys new --tenant NAME`) or gateway.auth.oidc.issuer and gateway.auth.oidc.audience (docs/deploy.md, \"Authentication and tenants\")" }}
+{{- end }}
+{{- if and $auth.oidc.issuer (not $auth.oidc.audience) }}
+{{- fail "gateway.auth.oidc.issuer needs gateway.auth.oidc.audience (the aud tokens must carry): without it a token issued for another service would pass, and the gateway refuses to start" }}
+{{- end }}
+{{- if and (or $auth.oidc.audience $auth.oidc.jwksUrl $auth.oidc.tenantClaim) (not $auth.oidc.issuer) }}
+{{- fail "gateway.auth.oidc.audience, jwksUrl and tenantClaim need gateway.auth.oidc.issuer" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (ne (toString $auth.publicMetrics) "true") }}
+{{- fail "serviceMonitor.enabled with gateway.auth.publicMetrics=false: Prometheus would scrape the gateway's /metrics without credentials and be refused (401). Set gateway.auth.publicMetrics=true (the metrics carry no patient data or job ids) or scrape the gateway with a configuration of your own" }}
+{{- end }}
+{{- end }}
