@@ -3,14 +3,17 @@
 A browser needs a real HTTP port, so the gateway runs under uvicorn as a task on the test's event loop beside the
 worker, and Selenium is driven from a thread so that loop keeps serving. The page is tested as a user meets it:
 upload through the file input, wait for the overlay, scroll the slices, read the report, reload by URL; and a
-broken upload must show the API's error. Browser console errors fail the test, so a page that half-works cannot
-pass. Without Debian's chromium and chromium-driver the browser test is skipped, never passed.
+broken upload must show the API's error. With API keys configured, the page must ask for a key, send it with
+every request (overlays and downloads included) and never leak it. Browser console errors fail the test, so a
+page that half-works cannot pass. Without Debian's chromium and chromium-driver the browser tests are skipped,
+never passed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -25,11 +28,12 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
+from service.auth import REFUSED, entry_for, new_key
 from service.config import QueueSettings, Settings
 from service.gateway.app import create_app
 from service.metrics import Metrics
 from service.worker import Worker
-from tests.service.harness import engine_for, make_settings, running
+from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -58,11 +62,12 @@ def test_the_viewer_files_are_served(redis_url: str, queue_settings: QueueSettin
             assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
             assert '<script type="module" src="app.js"></script>' in page.text
             assert 'href="style.css"' in page.text
-            for required in ('id="file"', 'id="submit"', 'id="job-id"', 'id="overlay"', 'id="slice"', 'id="error"'):
-                assert required in page.text
+            for name in ("key", "file", "submit", "job-id", "overlay", "slice", "error"):
+                assert f'id="{name}"' in page.text
             script = await http.get("/ui/app.js")
             assert script.status_code == 200 and script.headers["content-type"] == "text/javascript; charset=utf-8"
             assert not re.search(r"\bconsole\.\w+\(", script.text)  # nothing of a job goes to the browser's logs
+            assert "localStorage" not in script.text  # the key lives in sessionStorage, for this tab only
             style = await http.get("/ui/style.css")
             assert style.status_code == 200 and style.headers["content-type"] == "text/css; charset=utf-8"
             for missing in ("/ui/nope", "/ui/..%2Fui.py"):
@@ -73,13 +78,17 @@ def test_the_viewer_files_are_served(redis_url: str, queue_settings: QueueSettin
     asyncio.run(scenario())
 
 
-def test_the_viewer_in_headless_chromium(
-    redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
-) -> None:
+def need_browser() -> None:
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
     if missing:
         pytest.skip(f"needs {' and '.join(missing)} (Debian packages chromium and chromium-driver)")
     pytest.importorskip("selenium", reason="needs selenium 4 (the test extra)")
+
+
+def test_the_viewer_in_headless_chromium(
+    redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
+) -> None:
+    need_browser()
     settings = make_settings(redis_url, queue_settings, exported)
     volume = tmp_path / "discs.nii.gz"
     nib.save(nib.Nifti1Image(disc_volume(), np.diag([0.8, 0.8, 2.5, 1.0])), volume)
@@ -89,6 +98,27 @@ def test_the_viewer_in_headless_chromium(
     async def scenario() -> None:
         async with serving(settings, exported) as base:
             await asyncio.to_thread(drive, base, volume, broken, tmp_path)
+
+    asyncio.run(scenario())
+
+
+def test_the_viewer_with_api_keys(
+    redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
+) -> None:
+    """Keys configured: the page asks for one, sends it on every request and keeps it out of URLs and the DOM."""
+    need_browser()
+    key, other = new_key(), new_key()
+    settings = make_settings(redis_url, queue_settings, exported).model_copy(
+        update={"api_keys": f"{entry_for('ward', key)},{entry_for('lab', other)}"}
+    )
+    picture = tmp_path / "disc.png"
+    picture.write_bytes(png_bytes(disc_image()))
+    volume = tmp_path / "discs.nii.gz"
+    nib.save(nib.Nifti1Image(disc_volume(), np.diag([0.8, 0.8, 2.5, 1.0])), volume)
+
+    async def scenario() -> None:
+        async with serving(settings, exported) as base:
+            await asyncio.to_thread(drive_with_keys, base, key, other, picture, volume, tmp_path)
 
     asyncio.run(scenario())
 
@@ -137,8 +167,9 @@ async def serving(settings: Settings, exported: Path) -> AsyncIterator[str]:
         await client.aclose()
 
 
-def start_browser(profile: Path) -> WebDriver:
-    """Headless Chromium with nothing that phones home, and the chromedriver given, so Selenium downloads nothing."""
+def start_browser(profile: Path, downloads: Path | None = None) -> WebDriver:
+    """Headless Chromium with nothing that phones home, and the chromedriver given, so Selenium downloads nothing.
+    With ``downloads``, files the page saves land there without a prompt."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -152,7 +183,29 @@ def start_browser(profile: Path) -> WebDriver:
     ):  # fmt: skip
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    if downloads is not None:
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    if downloads is not None:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return driver
+
+
+def showing(driver: WebDriver, index: int, count: int = SLICES) -> Callable[[Any], bool]:
+    """The overlay of slice ``index`` has loaded (from a blob: URL, the page fetched it) and the label says so."""
+    from selenium.webdriver.common.by import By
+
+    def check(_: Any) -> bool:
+        shown = driver.execute_script(
+            "const img = document.getElementById('overlay');"
+            "return img.complete && img.naturalWidth > 0 && !img.hidden && img.src.startsWith('blob:')"
+            "  ? img.dataset.slice : null;"
+        )
+        return shown == str(index) and driver.find_element(By.ID, "slice-label").text == f"{index + 1} / {count}"
+
+    return check
 
 
 def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
@@ -171,22 +224,6 @@ def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
         def find(element_id: str) -> Any:
             return driver.find_element(By.ID, element_id)
 
-        def showing(index: int) -> Callable[[Any], bool]:
-            """The overlay of slice ``index`` has loaded and the label says so."""
-
-            def check(_: Any) -> bool:
-                loaded = driver.execute_script(
-                    "const img = document.getElementById('overlay');"
-                    "return img.complete && img.naturalWidth > 0 && !img.hidden ? img.getAttribute('src') : null;"
-                )
-                return (
-                    bool(loaded)
-                    and loaded.endswith(f"&slice={index}")
-                    and find("slice-label").text == f"{index + 1} / {SLICES}"
-                )
-
-            return check
-
         # 1. a NIfTI volume through the file input, with a modality hint
         driver.get(f"{base}/ui/")
         wait.until(lambda _: find("status").get_attribute("data-status") == "idle")
@@ -202,7 +239,7 @@ def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
         assert result["input"]["shape"][0] == SLICES and result["input"]["modality"] == "MR"
         areas = {entry["index"]: entry["area"] for entry in result["mask"]["slices"]}
         first = max(range(SLICES), key=lambda k: (areas.get(k, 0), -k))  # the largest mask, as the page picks
-        wait.until(showing(first))
+        wait.until(showing(driver, first))
         slider = find("slice")
         assert slider.is_displayed() and slider.get_attribute("max") == str(SLICES - 1)
         assert slider.get_attribute("value") == str(first)
@@ -219,19 +256,20 @@ def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
         assert len(find("slice-marks").find_elements(By.CLASS_NAME, "mark")) == SLICES
         assert result["model"]["name"] in find("model").text and result["model"]["version"] in find("model").text
         assert find("input-modality").text == "MR"
+        assert not find("key-note").is_displayed()  # open: nothing asked for
 
         # the arrow keys (focus on the page, not a field), the buttons, the slider's own keys, the mouse wheel
         ActionChains(driver).move_to_element(find("overlay")).click().perform()
         step = -1 if first == SLICES - 1 else 1
         ActionChains(driver).send_keys(Keys.ARROW_LEFT if step < 0 else Keys.ARROW_RIGHT).perform()
-        wait.until(showing(first + step))
+        wait.until(showing(driver, first + step))
         assert find("slice").get_attribute("value") == str(first + step)
         find("prev" if step > 0 else "next").click()
-        wait.until(showing(first))
+        wait.until(showing(driver, first))
         find("slice").send_keys(Keys.END)
-        wait.until(showing(SLICES - 1))
+        wait.until(showing(driver, SLICES - 1))
         ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(find("overlay")), 0, -120).perform()
-        wait.until(showing(SLICES - 3))
+        wait.until(showing(driver, SLICES - 3))
 
         links = {name: find(f"download-{name}") for name in ("json", "nifti", "dicom-seg")}
         assert links["json"].get_attribute("href").endswith(f"/v1/segmentations/{job_id}/result?format=json")
@@ -245,7 +283,7 @@ def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
 
         # the job's URL opens it directly
         driver.get(f"{base}/ui/?job={job_id}")
-        wait.until(showing(first))
+        wait.until(showing(driver, first))
         assert find("status").get_attribute("data-status") == "succeeded"
         assert find("job-id").get_attribute("value") == job_id
 
@@ -269,6 +307,104 @@ def drive(base: str, volume: Path, broken: Path, tmp_path: Path) -> None:
         assert severe_errors(driver, allowed=EXPECTED_HTTP_ERROR) == []
     except (AssertionError, WebDriverException):
         driver.save_screenshot(str(tmp_path / "failure.png"))  # what the page showed, for the one who debugs it
+        raise
+    finally:
+        driver.quit()
+
+
+def drive_with_keys(base: str, key: str, other: str, picture: Path, volume: Path, tmp_path: Path) -> None:
+    """The viewer against a service with keys: asked for one, then everything works with it, and it never leaks."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver = start_browser(tmp_path / "chromium-profile", downloads)
+    try:
+        wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.05)
+
+        def find(element_id: str) -> Any:
+            return driver.find_element(By.ID, element_id)
+
+        def status() -> str:
+            wait.until(lambda _: find("status").get_attribute("data-status") in {"succeeded", "failed"})
+            return find("status").get_attribute("data-status")
+
+        def downloaded(link_id: str, name: str) -> bytes:
+            """Click a download link: the page fetched it (200) and the browser saved the file under ``name``."""
+            find(link_id).click()
+            wait.until(lambda _: (downloads / name).is_file())
+            url = find(link_id).get_attribute("href")
+            fetched = driver.execute_script(
+                "return performance.getEntriesByName(arguments[0]).map(e => [e.initiatorType, e.responseStatus]);",
+                url,
+            )
+            assert ["fetch", 200] in fetched, fetched
+            return (downloads / name).read_bytes()
+
+        # no key: the upload is refused with the API's message, and the key field asks for one
+        driver.get(f"{base}/ui/")
+        wait.until(lambda _: find("status").get_attribute("data-status") == "idle")
+        assert find("key").get_attribute("type") == "password" and find("key").get_attribute("autocomplete") == "off"
+        find("file").send_keys(str(picture))
+        find("submit").click()
+        wait.until(lambda _: find("error").is_displayed())
+        assert find("error-code").text == "unauthenticated"
+        assert find("error-message").get_attribute("textContent") == REFUSED
+        assert find("key-note").is_displayed() and "API key or token" in find("key-note").text
+        assert driver.execute_script("return document.activeElement.id") == "key"
+
+        # the key typed and Enter: the refused upload goes again, and the overlay is fetched with the key
+        find("key").send_keys(key + Keys.ENTER)
+        wait.until(lambda _: "job=" in driver.current_url)
+        assert status() == "succeeded", find("error").text
+        job_id = parse_qs(urlparse(driver.current_url).query)["job"][0]
+        wait.until(showing(driver, 0, 1))
+        assert not find("key-note").is_displayed() and not find("error").is_displayed()
+        assert httpx.get(f"{base}/v1/segmentations/{job_id}", timeout=10).status_code == 401
+        mine = httpx.get(f"{base}/v1/segmentations/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert mine.status_code == 200 and mine.json()["result"]["input"]["format"] == "png"
+        assert json.loads(downloaded("download-json", f"{job_id}.json")) == mine.json()["result"]
+
+        # a new page in the same tab keeps the key: a volume, its slices, its NIfTI
+        driver.get(f"{base}/ui/")
+        wait.until(lambda _: find("status").get_attribute("data-status") == "idle")
+        Select(find("modality")).select_by_value("MR")
+        find("file").send_keys(str(volume))
+        find("submit").click()
+        assert status() == "succeeded", find("error").text
+        volume_id = parse_qs(urlparse(driver.current_url).query)["job"][0]
+        start = int(find("slice").get_attribute("value"))
+        wait.until(showing(driver, start))
+        step = -1 if start == SLICES - 1 else 1
+        find("prev" if step < 0 else "next").click()
+        wait.until(showing(driver, start + step))
+        find("slice").send_keys(Keys.HOME)
+        wait.until(showing(driver, 0))
+        assert downloaded("download-nifti", f"{volume_id}.nii.gz")[:2] == b"\x1f\x8b"  # gzip
+
+        # nowhere but the field (and this tab's sessionStorage): not the URL, localStorage, the DOM, request URLs
+        assert key not in driver.current_url
+        assert driver.execute_script("return localStorage.length") == 0
+        assert driver.execute_script("return sessionStorage.getItem('c2p-serve.key')") == key
+        assert key not in driver.execute_script("return document.documentElement.outerHTML")
+        assert key not in json.dumps(driver.execute_script("return performance.getEntries().map(e => e.name)"))
+        assert find("key").get_attribute("value") == key
+        assert severe_errors(driver, allowed=EXPECTED_HTTP_ERROR) == []
+
+        # another tenant's key sees no such job
+        find("key").clear()
+        find("key").send_keys(other)
+        find("job-id").clear()
+        find("job-id").send_keys(volume_id)
+        find("open").click()
+        wait.until(lambda _: find("error-code").text == "job_not_found")
+        assert not find("key-note").is_displayed()
+        assert severe_errors(driver, allowed=EXPECTED_HTTP_ERROR) == []
+    except (AssertionError, WebDriverException):
+        driver.save_screenshot(str(tmp_path / "failure.png"))
         raise
     finally:
         driver.quit()

@@ -1,12 +1,17 @@
 // The c2p-serve viewer: upload or open a job, follow it, show the overlay slice by slice with its reliability.
 // It uses the public REST API only, so it shows exactly what any client gets. Nothing is logged to the console.
+// Where the service wants credentials, every request carries the key or token typed in the Access field as
+// `Authorization: Bearer ...`; it is kept in sessionStorage (this tab only), never in a URL, the DOM or a log.
 
 const API = "/v1/segmentations";
 const POLL_MS = 500;
 const WHEEL_STEP = 60; // pixels of wheel travel per slice, so a trackpad does not race through a volume
+const OVERLAYS_KEPT = 8; // slice PNGs kept as object URLs: the current one, its neighbours, a few just seen
+const KEY_ITEM = "c2p-serve.key"; // the sessionStorage item holding the key or token
 
 const $ = (id) => document.getElementById(id);
 const el = {
+  keyForm: $("key-form"), key: $("key"), keyNote: $("key-note"),
   uploadForm: $("upload-form"), file: $("file"), modality: $("modality"), submit: $("submit"),
   openForm: $("open-form"), jobId: $("job-id"), open: $("open"),
   status: $("status"), currentJob: $("current-job"),
@@ -31,28 +36,55 @@ class ApiError extends Error {
 }
 
 // What is on screen. `generation` changes whenever another job is opened, so a stale poll stops by itself.
-const view = { generation: 0, job: null, count: 0, index: 0, slices: new Map(), wheel: 0 };
+// `retry` is what to do again once a key is entered, after the service asked for one.
+const view = { generation: 0, job: null, count: 0, index: 0, slices: new Map(), wheel: 0, retry: null };
 
-async function api(path, init) {
+/** A request to the API with the key, if one is set; the response when it is 2xx, else an ApiError. */
+async function request(path, init = {}) {
+  const headers = new Headers(init.headers);
+  const key = el.key.value.trim();
+  if (key) {
+    try {
+      headers.set("Authorization", `Bearer ${key}`);
+    } catch {
+      throw new ApiError("invalid_key", "The key or token holds characters no header can carry.", 401);
+    }
+  }
   let response;
   try {
-    response = await fetch(path, { cache: "no-store", ...init });
-  } catch {
+    response = await fetch(path, { cache: "no-store", ...init, headers });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
     throw new ApiError("network", "The service could not be reached.");
   }
-  let body = null;
-  try {
-    body = await response.json();
-  } catch {
-    // not JSON: handled below
-  }
   if (!response.ok) {
+    const body = await response.json().catch(() => null);
     const code = body?.code ?? `http_${response.status}`;
     const message = body?.message ?? (response.statusText || "The request failed.");
     throw new ApiError(code, message, response.status);
   }
+  if (key) keyAccepted();
+  return response;
+}
+
+async function api(path, init) {
+  const response = await request(path, init);
+  const body = await response.json().catch(() => null);
   if (body === null) throw new ApiError("bad_response", "The service sent an answer this page cannot read.");
   return body;
+}
+
+function keyAccepted() {
+  el.keyNote.hidden = true;
+  el.key.removeAttribute("aria-invalid");
+}
+
+/** After a 401: say so beside the key field, put the cursor there, and remember what to try again. */
+function askForKey(retry) {
+  view.retry = retry;
+  el.keyNote.hidden = false;
+  el.key.setAttribute("aria-invalid", "true");
+  el.key.focus();
 }
 
 const jobUrl = (id) => `${API}/${encodeURIComponent(id)}`;
@@ -76,12 +108,15 @@ function clearView() {
   el.sliceBar.hidden = true;
   el.overlay.hidden = true;
   el.overlay.removeAttribute("src");
+  delete el.overlay.dataset.slice;
+  forgetOverlays();
   el.imageError.hidden = true;
   el.placeholder.hidden = false;
   el.stage.dataset.state = "empty";
   view.job = null;
   view.count = 0;
   view.slices = new Map();
+  view.retry = null;
 }
 
 function rememberJob(id) {
@@ -113,6 +148,7 @@ async function follow(id, first = null) {
       }
       setStatus("failed", "Could not open the job.");
       showError(err.code, err.message);
+      if (err.status === 401) askForKey(() => follow(id));
       return;
     }
     if (generation !== view.generation) return;
@@ -240,31 +276,107 @@ function setSlice(index, force = false) {
   }));
 
   el.imageError.hidden = true;
-  el.overlay.src = resultUrl(view.job.id, "png", k);
-  el.overlay.alt = `Slice ${k + 1} of ${view.count} with the segmentation in red`;
+  showOverlay(k);
+}
+
+// ---- overlays ---------------------------------------------------------------------------------------------
+// An <img src> cannot send the key, so each slice's PNG is fetched and shown through an object URL. The last
+// OVERLAYS_KEPT stay (the neighbours fetched ahead make scrolling smooth); older ones are aborted or revoked,
+// so memory stays flat however long a volume is scrolled.
+
+const overlays = new Map(); // path -> { controller, url: Promise<object URL> }, least recently used first
+
+function overlay(path) {
+  let entry = overlays.get(path);
+  if (entry) {
+    overlays.delete(path); // set again below, as the most recently used
+  } else {
+    const controller = new AbortController();
+    const url = request(path, { signal: controller.signal })
+      .then((response) => response.blob())
+      .then((blob) => URL.createObjectURL(blob));
+    entry = { controller, url };
+    url.catch(() => overlays.get(path) === entry && overlays.delete(path)); // a failure is asked again next time
+  }
+  overlays.set(path, entry);
+  while (overlays.size > OVERLAYS_KEPT) forget(overlays.keys().next().value);
+  return entry;
+}
+
+function forget(path) {
+  const entry = overlays.get(path);
+  overlays.delete(path);
+  entry.controller.abort();
+  entry.url.then((url) => URL.revokeObjectURL(url), () => {});
+}
+
+function forgetOverlays() {
+  for (const path of [...overlays.keys()]) forget(path);
+}
+
+async function showOverlay(k) {
+  const job = view.job;
+  const path = resultUrl(job.id, "png", k);
+  const entry = overlay(path);
   for (const near of [k - 1, k + 1]) {
-    if (near >= 0 && near < view.count) new Image().src = resultUrl(view.job.id, "png", near); // smooth scrolling
+    if (near >= 0 && near < view.count) overlay(resultUrl(job.id, "png", near));
+  }
+  const current = () => view.job === job && view.index === k;
+  let url;
+  try {
+    url = await entry.url;
+  } catch (err) {
+    if (!current() || err.name === "AbortError") return;
+    el.imageError.textContent = err.code ? `${err.code}: ${err.message}` : "The overlay could not be loaded.";
+    el.imageError.hidden = false;
+    if (err.status === 401) askForKey(() => setSlice(k, true));
+    return;
+  }
+  if (!current() || overlays.get(path) !== entry) return; // moved on meanwhile, or that URL is revoked
+  el.overlay.src = url;
+  el.overlay.dataset.slice = String(k);
+  el.overlay.alt = `Slice ${k + 1} of ${view.count} with the segmentation in red`;
+}
+
+el.overlay.addEventListener("error", () => {
+  if (!el.overlay.getAttribute("src")) return;
+  el.imageError.textContent = "The overlay could not be shown.";
+  el.imageError.hidden = false;
+});
+
+// ---- downloads --------------------------------------------------------------------------------------------
+// The links keep the API's address (to copy), but a click fetches with the key and saves through a blob URL.
+
+async function download(link) {
+  if (link.dataset.busy) return;
+  link.dataset.busy = "true";
+  view.retry = null;
+  el.error.hidden = true;
+  try {
+    const blob = await (await request(link.getAttribute("href"))).blob();
+    const url = URL.createObjectURL(blob);
+    const save = document.createElement("a");
+    save.href = url;
+    save.download = link.download;
+    save.hidden = true;
+    document.body.append(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000); // the browser has the file long before
+  } catch (err) {
+    showError(err.code ?? "download_failed", err.message);
+    if (err.status === 401) askForKey(() => download(link));
+  } finally {
+    delete link.dataset.busy;
   }
 }
 
-// An <img> cannot read the JSON error of a failed request: ask again with fetch to show its message.
-el.overlay.addEventListener("error", async () => {
-  const src = el.overlay.getAttribute("src");
-  if (!src) return;
-  let text = "The overlay could not be loaded.";
-  try {
-    const response = await fetch(src, { cache: "no-store" });
-    if (!response.ok) {
-      const body = await response.json().catch(() => null);
-      if (body?.message) text = `${body.code}: ${body.message}`;
-    }
-  } catch {
-    // the same generic text
-  }
-  if (el.overlay.getAttribute("src") !== src) return;
-  el.imageError.textContent = text;
-  el.imageError.hidden = false;
-});
+for (const link of Object.values(el.downloads)) {
+  link.addEventListener("click", (event) => {
+    event.preventDefault();
+    download(link);
+  });
+}
 
 // ---- controls ---------------------------------------------------------------------------------------------
 
@@ -292,6 +404,7 @@ el.uploadForm.addEventListener("submit", async (event) => {
     if (generation !== view.generation) return;
     setStatus("failed", "Upload refused");
     showError(err.code, err.message);
+    if (err.status === 401) askForKey(() => el.uploadForm.requestSubmit());
   } finally {
     el.submit.disabled = false;
   }
@@ -335,7 +448,29 @@ el.stage.addEventListener("wheel", (event) => {
   }
 }, { passive: false });
 
+// The key: typed, kept for this tab only; Use (or Enter) tries again what the service refused without one.
+el.key.addEventListener("input", () => {
+  try {
+    if (el.key.value) sessionStorage.setItem(KEY_ITEM, el.key.value);
+    else sessionStorage.removeItem(KEY_ITEM);
+  } catch {
+    // storage switched off: the key lasts as long as the page
+  }
+});
+el.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const retry = view.retry;
+  view.retry = null;
+  retry?.();
+});
+
 // ---- start ------------------------------------------------------------------------------------------------
+
+try {
+  el.key.value = sessionStorage.getItem(KEY_ITEM) ?? "";
+} catch {
+  // no storage: no key yet
+}
 
 const requested = new URLSearchParams(window.location.search).get("job");
 if (requested) follow(requested.trim());
