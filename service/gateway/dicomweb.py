@@ -26,8 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
@@ -190,24 +189,25 @@ async def read_parts(request: Request, limits: LimitSettings) -> list[Part]:
         header_field.clear()
         header_value.clear()
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": begin,
-            "on_part_data": data,
-            "on_header_field": field_,
-            "on_header_value": value,
-            "on_header_end": header_end,
-        },
-    )
     try:
+        # The constructor checks the boundary too (longer than python-multipart takes: a 400, not a 500)
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": begin,
+                "on_part_data": data,
+                "on_header_field": field_,
+                "on_header_value": value,
+                "on_header_end": header_end,
+            },
+        )
         async for chunk in request.stream():
             received += len(chunk)
             if received > limits.max_upload_bytes:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limits.max_upload_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:
         raise InvalidRequest(f"the multipart/related body is malformed: {exc}") from exc
     if not parts:
         raise InvalidRequest("the request holds no DICOM parts")
@@ -231,7 +231,7 @@ def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], 
                 str(ds.get(k, "") or "")
                 for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
             ]
-        except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, OverflowError, EOFError) as exc:
+        except Exception as exc:  # untrusted bytes: pydicom raises OSError, struct.error, NotImplementedError, ...
             failures.append(Failure(None, None, CANNOT_UNDERSTAND, f"part {index + 1}: {type(exc).__name__}"))
             continue
         sop_class, sop_instance, study_uid, series_uid = uids

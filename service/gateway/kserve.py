@@ -364,7 +364,7 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
     value = params.get("timeout")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # NaN too
         raise InvalidRequest("parameter 'timeout' must be a non-negative number of microseconds")
     return value / 1e6 if value > 0 else None
 
@@ -441,7 +441,7 @@ def parse_inference(raw: bytearray, header_length: str | None, settings: Setting
         )
     try:
         body = json.loads(bytes(raw[:json_end]))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidRequest(f"the inference request is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the inference request must be a JSON object")
