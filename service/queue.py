@@ -43,6 +43,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from service import payload as payload_codec
@@ -99,6 +101,17 @@ def _now() -> str:
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def connect(url: str) -> aioredis.Redis:
+    """The client every process uses. After Redis restarts, each pooled connection fails once on its next use;
+    ``from_url`` (unlike ``Redis()``) sets no retry policy, so without one that failure reached callers: a gateway
+    answered 503 with Redis back, a worker lost a finished result and spent a delivery (found by the fault drills).
+    A retried command may run twice if the connection dropped after Redis ran it. The end-of-job scripts are
+    idempotent (terminal states are final, results SET NX) and a doubled payload APPEND fails its CRC; a doubled
+    submit would queue one job twice (run once, answered once, but one tenant slot held until the record expires)."""
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)
+    return aioredis.Redis.from_url(url, health_check_interval=30, retry=retry)
 
 
 def new_job_id() -> str:

@@ -23,6 +23,7 @@ from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.engine import Engine, load_engine, warm_up
 from service.metrics import Metrics
+from service.queue import connect
 from service.redis_server import redis_url_or_private
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def load_warm_engine(settings: Settings) -> Engine:
 
 
 def _client(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, health_check_interval=30)
+    return connect(url)
 
 
 def _http_server(settings: Settings, metrics: Metrics, client: aioredis.Redis, authenticator: Authenticator) -> _Server:

@@ -31,7 +31,7 @@ from service.gateway import dicomweb, kserve, ui
 from service.gateway.identity import WWW_AUTHENTICATE, Caller, caller
 from service.gateway.uploads import BodyLimit, read_files
 from service.metrics import Metrics
-from service.queue import JobQueue
+from service.queue import JobQueue, connect
 from service.schema import ErrorInfo, Job
 from service.submit import submit_upload
 
@@ -84,7 +84,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = client is None
-        redis_client = client or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        redis_client = client or connect(settings.redis_url or "redis://127.0.0.1:6379/0")
         app.state.redis = redis_client
         app.state.queue = JobQueue(redis_client, settings.queue)
         app.state.access = Access(settings, redis_client, authenticator)

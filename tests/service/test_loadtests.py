@@ -168,3 +168,39 @@ def test_locust_and_soak_against_a_live_service(
     assert 0 < process["rss_start_mb"] <= process["rss_max_mb"] and process["rss_end_mb"] <= process["rss_max_mb"]
     assert math.isfinite(process["slope_mb_per_h"]) and process["growing"] in (True, False)
     assert soaked["growing"] == process["growing"] and "median of the last third" in soaked["rule"]
+
+
+@pytest.mark.slow
+def test_the_chaos_drill_loses_nothing_and_answers_nothing_twice(exported: Path, tmp_path: Path) -> None:
+    """loadtests/drill.py small: its own Redis, gateway and two workers, one worker SIGKILLed and one Redis restart
+    while 20 jobs run; the JSON has its fields, every job ended, none was lost or answered twice."""
+    import subprocess
+
+    from service.redis_server import RedisStartError, find_redis_server
+
+    try:
+        find_redis_server()
+    except RedisStartError as err:
+        pytest.skip(f"the drill restarts a redis-server of its own: {err}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
+    report = tmp_path / "drill.json"
+    command = [
+        *(sys.executable, "loadtests/drill.py", "--model", str(exported), "--jobs", "20", "--clients", "4"),
+        *("--worker-kills", "1", "--redis-restarts", "1", "--redis-down-s", "1", "--job-deadline-s", "2"),
+        *("--deadline-s", "90", "--json", str(report)),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    drilled: dict[str, Any] = json.loads(report.read_text())
+    assert json.loads(done.stdout) == drilled  # the one JSON object on stdout, also written to --json
+    jobs = drilled["jobs"]
+    assert jobs["sent"] == 20 and jobs["accepted"] + sum(jobs["not_accepted"].values()) == 20
+    assert jobs["lost"] == 0 and jobs["duplicated"] == 0, drilled
+    assert jobs["succeeded"] + sum(jobs["failed"].values()) == jobs["accepted"] > 0
+    assert drilled["exited"] == [] and drilled["shutdown_codes"] == [0, 0, 0]
+    events = [event["event"] for event in drilled["chaos"]]
+    assert events == ["worker_killed", "worker_started", "redis_stopped", "redis_started"], drilled["chaos"]
+    assert all(a["t_s"] <= b["t_s"] for a, b in zip(drilled["chaos"], drilled["chaos"][1:], strict=False))
+    assert set(drilled["retries"]) == {"submit", "submit_by_reason", "poll", "poll_by_reason"}
+    assert 0 < drilled["latency_ms"]["p50"] <= drilled["latency_ms"]["p99"]
+    assert drilled["parameters"]["variant"] == "c2p-test-64" and drilled["parameters"]["worker_kills"] == 1
