@@ -31,6 +31,7 @@ import functools
 import gzip
 import importlib.util
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+# Not C2P_*: a shell exporting it often starts the service too, which refuses C2P_ names it does not know.
+KEY_ENV = "LOAD_API_KEY"
 SERIES_SLICES = 8
 SERIES_SPACING_MM = 5.0  # CT_small's SliceThickness
 NIFTI_SLICES = 8
@@ -180,3 +183,10 @@ def load_inputs() -> dict[str, LoadInput]:
 # How often each kind is sent relative to the others: single DICOM slices are the bulk of PACS traffic, series
 # and volumes cost the most per request. Shared by the locustfile and the soak driver so both mean the same mix.
 WEIGHTS: dict[str, int] = {"dicom-ct": 2, "dicom-mr": 1, "dicom-series": 2, "nifti-mni": 2, "png-camera": 2}
+
+
+def credentials(key: str | None = None) -> list[tuple[str, str]]:
+    """``[("authorization", "Bearer KEY")]`` for ``key`` or ``$LOAD_API_KEY``, usable as REST headers and gRPC
+    metadata; empty for a service running open on loopback."""
+    key = key or os.environ.get(KEY_ENV, "")
+    return [("authorization", f"Bearer {key}")] if key else []

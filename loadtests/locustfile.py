@@ -21,6 +21,8 @@ Options beyond locust's own:
                             refuses to start when its environment holds a ``C2P_`` name it does not know, and a
                             shell that exports load-test settings often starts the service too.
 ``--segment-wait S``        how long each request waits for its result (default 60 s; the gRPC deadline adds 15 s).
+``--api-key KEY``           sent as ``Authorization: Bearer KEY`` (REST headers, gRPC metadata); default
+                            ``$LOAD_API_KEY``; none for a service running open on loopback.
 
 Pick users by class name on the command line (``RestUser``, ``GrpcUser``, or both), or with ``--class-picker``
 in the web UI.
@@ -48,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repository, for loadtests.inputs and the service's stubs when not installed
     sys.path.insert(0, str(ROOT))
 
-from loadtests.inputs import WEIGHTS, LoadInput, load_inputs  # noqa: E402
+from loadtests.inputs import KEY_ENV, WEIGHTS, LoadInput, load_inputs  # noqa: E402
+from loadtests.inputs import credentials as key_credentials  # noqa: E402
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc  # noqa: E402
 
 # gRPC's C core runs its own threads, which never yield to gevent: without this a blocking stub call stalls every
@@ -72,6 +75,14 @@ def _options(parser: Any) -> None:
     parser.add_argument(
         "--segment-wait", type=float, default=60.0, help="seconds each request waits for its result (default 60)"
     )
+    parser.add_argument(
+        "--api-key", type=str, default=os.environ.get(KEY_ENV, ""), help=f"API key or token (default ${KEY_ENV})"
+    )
+
+
+def credentials(environment: Environment) -> list[tuple[str, str]]:
+    options = environment.parsed_options
+    return key_credentials(getattr(options, "api_key", "") if options else "")
 
 
 @events.init.add_listener
@@ -125,6 +136,7 @@ class RestUser(HttpUser):
         self.inputs = load_inputs()
         self.wait_s = segment_wait(self.environment)
         self.finished: collections.deque[str] = collections.deque(maxlen=16)  # job ids for the result formats
+        self.client.headers.update(dict(credentials(self.environment)))
 
     def segment(self, kind: str) -> None:
         load = self.inputs[kind]
@@ -201,6 +213,7 @@ class GrpcUser(User):
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         self.channel = grpc.insecure_channel(grpc_target(self.environment), options=options)
         self.stub = segmentation_pb2_grpc.SegmentationStub(self.channel)
+        self.metadata = credentials(self.environment)
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -216,7 +229,7 @@ class GrpcUser(User):
         length = 0
         start = time.perf_counter()
         try:
-            job = self.stub.Segment(request, timeout=self.wait_s + DEADLINE_MARGIN_S)
+            job = self.stub.Segment(request, timeout=self.wait_s + DEADLINE_MARGIN_S, metadata=self.metadata)
             length = job.ByteSize()
             if job.status != "succeeded":
                 exception = GrpcFailure(f"{job.status}: not finished within wait_seconds={self.wait_s:g}")

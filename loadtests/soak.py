@@ -2,6 +2,7 @@
 
     python loadtests/soak.py [--minutes 10] [--concurrency 4] [--model c2p-femto-192]
     python loadtests/soak.py --host http://127.0.0.1:8000 --grpc-target 127.0.0.1:8001 --pid serve=12345
+    (a service with authentication on: export LOAD_API_KEY=<key> first; locust reads it too)
 
 By default it starts the service itself, as ``loadtests/bench_e2e.py`` does: a private Redis
 (``service.redis_server.PrivateRedis``), ``c2p gateway`` and ``c2p worker`` as separate processes on loopback, so
@@ -74,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loadtests.inputs import WEIGHTS, LoadInput, load_inputs  # noqa: E402
+from loadtests.inputs import WEIGHTS, LoadInput, credentials, load_inputs  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -124,7 +125,8 @@ def weighted_kinds(seed: int) -> Iterator[str]:
 
 
 async def rest_client(load: Load, base: str, inputs: dict[str, LoadInput], wait_s: float, seed: int) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=wait_s + DEADLINE_MARGIN_S) as http:
+    headers = dict(credentials())
+    async with httpx.AsyncClient(base_url=base, timeout=wait_s + DEADLINE_MARGIN_S, headers=headers) as http:
         successes = 0
         for kind in weighted_kinds(seed):
             if load.stop.is_set():
@@ -194,7 +196,7 @@ async def grpc_client(load: Load, target: str, inputs: dict[str, LoadInput], wai
             start = time.perf_counter()
             error: str | None = None
             try:
-                job = await stub.Segment(request, timeout=wait_s + DEADLINE_MARGIN_S)
+                job = await stub.Segment(request, timeout=wait_s + DEADLINE_MARGIN_S, metadata=credentials())
                 if job.status != "succeeded":
                     error = f"not_{job.status}"
                 elif tuple(job.result.input.shape) != item.shape:

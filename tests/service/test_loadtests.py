@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from loadtests.inputs import WEIGHTS, load_inputs
 from loadtests.soak import Sample, judge
+from service.auth import entry_for, new_key
 from service.config import LimitSettings, QueueSettings
 from service.grpc.server import build_server, stop_server
 from service.inputs import decode, probe
@@ -110,11 +111,15 @@ def stats(path: Path) -> list[dict[str, str]]:
 def test_locust_and_soak_against_a_live_service(
     redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, exported).model_copy(update={"grpc_port": free_port()})
+    key = new_key()  # the service as deployed: authentication on, the load tools send the key
+    settings = make_settings(redis_url, queue_settings, exported).model_copy(
+        update={"grpc_port": free_port(), "api_keys": entry_for("load", key)}
+    )
     target = f"127.0.0.1:{settings.grpc_port}"
     # No C2P_* names: locust and soak.py do not need them, and a service started from such an env would refuse them.
     env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
     env["LOAD_GRPC_TARGET"] = target  # the locustfile's default gRPC target (no --grpc-host below)
+    env["LOAD_API_KEY"] = key
     prefix = tmp_path / "run"
     report = tmp_path / "soak.json"
     locust = [
