@@ -427,3 +427,54 @@ async def test_delete_if_queued_leaves_running_jobs_alone(
     assert not await queue.delete_if_queued(running.job_id)
     assert (await queue.get(running.job_id)).status == "running"
     assert await queue.complete(running, result_json("c2p-test-64"))
+
+
+async def test_every_way_a_job_ends_gives_its_tenant_slot_back(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    """The per-tenant count must not drift: succeeded, failed, dead-lettered, deleted (queued and running), payload
+    expired, record expired; and a delete racing a read must not give the slot back twice."""
+    queue = make_queue(redis_client, queue_settings, tenant_max_pending=1, job_deadline_s=0.1, max_deliveries=1)
+
+    async def held() -> dict[bytes, bytes]:
+        return await redis_client.hgetall(queue.tenants)
+
+    async def one() -> Delivery:
+        delivery = await submit_and_read(queue)
+        assert await held() == {b"t1": b"1"}
+        with pytest.raises(QueueFull, match="tenant"):
+            await queue.submit(FILES, META, tenant="t1")
+        await queue.submit(FILES, META, tenant="t2")  # another tenant is not held back
+        await queue.delete((await queue.read("w9", count=1, block_ms=0))[0].job_id)
+        return delivery
+
+    assert await queue.complete(await one(), result_json("m"))
+    assert await held() == {}
+    await queue.fail(await one(), InvalidImage("broken"))
+    assert await held() == {}
+    dead = await one()
+    await asyncio.sleep(0.2)
+    assert await queue.reclaim("w2") == []  # over max_deliveries: failed and dead-lettered
+    assert (await queue.get(dead.job_id)).error.code == "delivery_limit"
+    assert await held() == {}
+    running = await one()
+    await queue.delete(running.job_id, tenant="t1")
+    assert await held() == {}
+    assert not await queue.complete(running, result_json("m"))  # the late worker changes nothing
+    assert await held() == {}
+
+    queued = await queue.submit(FILES, META, tenant="t1")
+    with pytest.raises(JobNotFound):
+        await queue.delete(queued.id, tenant="t2")  # another tenant's delete: unknown, and nothing released
+    assert await held() == {b"t1": b"1"}
+    await queue.delete(queued.id, tenant="t1")
+    assert await held() == {}
+
+    expired_payload = await queue.submit(FILES, META, tenant="t1")
+    await redis_client.delete(queue.payload_key(expired_payload.id))
+    assert await queue.read("w1", count=1, block_ms=0) == []  # failed at start: the upload expired
+    assert await held() == {}
+    expired_record = await queue.submit(FILES, META, tenant="t1")
+    await redis_client.delete(queue.record_key(expired_record.id))
+    assert await queue.read("w1", count=1, block_ms=0) == []  # dropped: the record expired, its entry remained
+    assert await held() == {}
