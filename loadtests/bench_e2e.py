@@ -260,7 +260,7 @@ def main() -> None:
 
     settings = load_settings(model=args.model)
     settings.engine = EngineSettings(intra_op_threads=args.threads, max_batch_size=settings.engine.max_batch_size)
-    directory = ensure_artifact(settings.model, settings.artifacts_dir)
+    directory = ensure_artifact(settings.model, settings.artifacts_dir, settings.engine.kind)
     images = test_images(args.images)
 
     raw = raw_engine(settings, directory, images[: max(32, settings.engine.max_batch_size * 2)], seconds=5)

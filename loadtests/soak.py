@@ -398,7 +398,7 @@ import sys
 from service.artifacts import ensure_artifact
 from service.config import load_settings
 settings = load_settings(model=sys.argv[1] or None)
-print(ensure_artifact(settings.model, settings.artifacts_dir))
+print(ensure_artifact(settings.model, settings.artifacts_dir, settings.engine.kind))
 """
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: weights in safetensors, the config and provenance in a JSON card beside them.
+"""Checkpoints: weights in safetensors, the config and provenance in a JSON card beside them (models.cards).
 
 Loading never unpickles: safetensors, or torch.load(weights_only=True) for timm's .pth files; the
 state dict is loaded strictly on the CPU.
@@ -14,10 +14,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.files import sha256_file
-from models.registry import VARIANTS, C2PConfig
+# Re-exported: callers that already need torch keep importing the whole checkpoint API from here.
+from models.cards import card_path, read_card, resolve, shipped_checkpoint
+from models.files import WEIGHTS_DIR, sha256_file
+from models.registry import C2PConfig
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+__all__ = [
+    "WEIGHTS_DIR",
+    "card_path",
+    "read_card",
+    "read_tensors",
+    "resolve",
+    "save_checkpoint",
+    "sha256_file",
+    "shipped_checkpoint",
+]
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -34,10 +45,6 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def card_path(weights: str | Path) -> Path:
-    return Path(weights).with_suffix(".json")
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, config: C2PConfig, card: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its card (.json): config, provenance, and the weights' sha256."""
     path = Path(path).with_suffix(".safetensors")
@@ -47,45 +54,3 @@ def save_checkpoint(model: nn.Module, path: str | Path, config: C2PConfig, card:
     full = {**(card or {}), "config": config.to_dict(), "sha256": sha256_file(path)}
     card_path(path).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_card(weights: str | Path) -> dict[str, Any]:
-    """The card beside a checkpoint; its recorded sha256 must match the weights on disk."""
-    cpath = card_path(weights)
-    if not cpath.is_file():
-        raise FileNotFoundError(f"checkpoint card not found: {cpath} (a checkpoint is NAME.safetensors + NAME.json)")
-    card = json.loads(cpath.read_text())
-    if "config" not in card:
-        raise ValueError(f"{cpath} has no 'config'")
-    recorded = card.get("sha256")
-    if recorded and recorded != sha256_file(weights):
-        raise ValueError(f"{weights} does not match the sha256 recorded in {cpath}: the file changed or is corrupt")
-    return card
-
-
-def shipped_checkpoint(variant: str) -> Path | None:
-    """The weights this package ships for a variant, if any (models/weights/<variant>.safetensors)."""
-    path = WEIGHTS_DIR / f"{variant}.safetensors"
-    return path if path.is_file() else None
-
-
-def resolve(name_or_path: str) -> tuple[C2PConfig, Path | None, dict[str, Any]]:
-    """A variant name (with its shipped weights when there are any) or a checkpoint path.
-
-    Returns the config, the weights path (None means freshly initialised) and the card.
-    """
-    path = Path(name_or_path)
-    if name_or_path in VARIANTS:
-        weights = shipped_checkpoint(name_or_path)
-        if weights is None:
-            return VARIANTS[name_or_path], None, {"weights": "random-init"}
-        card = read_card(weights)
-        return C2PConfig.from_dict(card["config"]), weights, card
-    if path.suffix in (".safetensors", ".json") and (path.with_suffix(".safetensors")).is_file():
-        weights = path.with_suffix(".safetensors")
-        card = read_card(weights)
-        return C2PConfig.from_dict(card["config"]), weights, card
-    raise ValueError(
-        f"{name_or_path!r} is neither a known variant ({', '.join(sorted(VARIANTS))}) "
-        "nor a checkpoint (NAME.safetensors with NAME.json beside it)"
-    )

@@ -14,6 +14,11 @@ TORCHSCRIPT_FILE = "model.ts"
 CARD_FILE = "card.json"
 ONNX_METADATA_KEY = "c2p.card"
 TORCHSCRIPT_CARD_FILE = "card.json"
+# The float32 weights a stripped ONNX graph reads as external data (models.restore writes them).
+WEIGHTS_DATA_FILE = "weights.bin"
+# What the package ships per variant: <variant>.safetensors + .json (the checkpoint and its card), and
+# <variant>.onnx + .export.json (the serving graph without its weights, and its export card).
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 def sha256_file(path: str | Path) -> str:

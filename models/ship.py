@@ -1,4 +1,5 @@
-"""Turn a trained checkpoint into the one this package ships: half-precision weights plus a card.
+"""Turn a trained checkpoint into the one this package ships: half-precision weights plus a card, and the
+serving graph without its weights (models.export.strip), so a serving install needs neither torch nor an export.
 
 Weights are stored in float16 (the 25 MB budget; float32 training and serving are unchanged since
 loading copies them into float32 parameters). The card records what the model is, how it was made
@@ -14,6 +15,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from models.checkpoint import WEIGHTS_DIR, read_card, read_tensors, sha256_file
+from models.export.strip import ship_graph
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -45,4 +47,5 @@ def ship(
         "evaluation": json.loads(Path(evaluation).read_text()),
     }
     (out / f"{variant}.json").write_text(json.dumps(shipped, indent=2, sort_keys=True) + "\n")
+    ship_graph(weights)
     return weights

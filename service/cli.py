@@ -11,16 +11,19 @@ from pathlib import Path
 
 log = logging.getLogger("c2p")
 
-# Exporters log every rewrite at INFO; an operator needs none of it.
-QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export")
-# pydicom logs header values it finds odd (names, dates): patient data must never reach the logs.
+# The project's own loggers speak at INFO; every library's (highdicom's nine lines per SEG, exporters' rewrites,
+# ONNX Runtime's) only from WARNING, unless --verbose.
+OWN_LOGGERS = ("c2p", "service", "models")
+# pydicom logs header values it finds odd (names, dates): patient data must never reach the logs, not even verbose.
 SILENT_LOGGERS = ("pydicom",)
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in SILENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -41,6 +44,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """The export folder a worker serves, written to --out: what an image bakes in at build time."""
+    import shutil
+    import tempfile
+
+    from service.artifacts import ensure_artifact
+
+    settings = _service_settings(args)
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out} exists; c2p prepare writes a new folder")
+    with tempfile.TemporaryDirectory() as cache:
+        folder = ensure_artifact(settings.model, Path(cache), args.kind)
+        shutil.copytree(folder, out)
+    card = json.loads((out / "card.json").read_text())
+    print(json.dumps({"out": str(out), "variant": card["variant"], "digest": card["digest"]}, indent=2))
     return 0
 
 
@@ -137,6 +159,14 @@ def cmd_data_mni_wm(args: argparse.Namespace) -> int:
 def cmd_ship(args: argparse.Namespace) -> int:
     from models.ship import ship
 
+    if args.graph_only:
+        from models.export.strip import ship_graph
+
+        card = ship_graph(Path(args.checkpoint), args.out)
+        print(json.dumps({"graph_digest": card["digest"], "weights_data": card["weights_data"]["sha256"]}))
+        return 0
+    if not args.eval:
+        raise ValueError("c2p ship needs --eval (the JSON c2p evaluate wrote), unless --graph-only")
     provenance = json.loads(Path(args.provenance).read_text()) if args.provenance else {}
     weights = (
         ship(args.checkpoint, args.eval, provenance, args.out)
@@ -188,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
 
+    prepare = commands.add_parser(
+        "prepare", help="write the export folder a worker serves (the shipped graph with its weights; no torch)"
+    )
+    prepare.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
+    prepare.add_argument("--out", required=True, type=Path, help="a new folder: model.onnx, weights.bin, card.json")
+    prepare.add_argument("--kind", default="onnx", choices=("onnx", "torchscript"), help="engine (torchscript: torch)")
+    prepare.set_defaults(func=cmd_prepare)
+
     export = commands.add_parser("export", help="write model.onnx, model.ts and card.json for a model")
     export.add_argument("--model", required=True, help="variant name (e.g. c2p-femto-256) or checkpoint path")
     export.add_argument("--out", required=True, help="output folder")
@@ -211,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ship = commands.add_parser("ship", help="store a trained checkpoint as the package's weights, with its card")
     ship.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors + .json)")
-    ship.add_argument("--eval", required=True, help="the JSON written by c2p evaluate for this checkpoint")
+    ship.add_argument("--eval", help="the JSON written by c2p evaluate for this checkpoint")
+    ship.add_argument(
+        "--graph-only", action="store_true",
+        help="only (re)make the stripped ONNX graph beside already shipped weights (--checkpoint NAME.safetensors)",
+    )  # fmt: skip
     ship.add_argument("--provenance", help="JSON file: command, data, hardware, other measurements")
     ship.add_argument("--out", type=Path, help="folder (default: models/weights inside the package)")
     ship.set_defaults(func=cmd_ship)

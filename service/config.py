@@ -203,8 +203,13 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, repr=False)
     # A variant name (its shipped weights), a checkpoint (NAME.safetensors + NAME.json) or an export folder.
     model: str = DEFAULT_VARIANT
-    # Where exports of models given by name or checkpoint are cached, one folder per weights digest.
-    artifacts_dir: Path = Path.home() / ".cache" / "c2p-serve" / "artifacts"
+    # The service's own folder for what it makes and may remake: model folders, generated code's staging,
+    # a private Redis's socket and config (removed on exit). Default $XDG_CACHE_HOME/c2p-serve or
+    # ~/.cache/c2p-serve.
+    cache_dir: Path = Field(default_factory=lambda: default_cache_dir())
+    # Where export folders of models given by name or checkpoint are kept, one per weights digest
+    # (default: <cache_dir>/artifacts).
+    artifacts_dir: Path | None = None
     engine: EngineSettings = EngineSettings()
     limits: LimitSettings = LimitSettings()
     queue: QueueSettings = QueueSettings()
@@ -213,6 +218,17 @@ class Settings(BaseSettings):
     dicomweb: DicomWebSettings = DicomWebSettings()
     tracing: TracingSettings = TracingSettings()
     auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _artifacts_under_cache(self) -> Settings:
+        if self.artifacts_dir is None:
+            self.artifacts_dir = self.cache_dir / "artifacts"
+        return self
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "c2p-serve"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

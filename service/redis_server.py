@@ -139,12 +139,15 @@ class PrivateRedis:
         *,
         binary: str | Path | None = None,
         persistent_dir: Path | None = None,
+        temp_root: Path | None = None,
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
         self.unix_socket = unix_socket
         self._binary = Path(binary) if binary is not None else None
         self.persistent_dir = Path(persistent_dir) if persistent_dir is not None else None
+        # Where the socket, config and log live while it runs (the service passes its cache folder).
+        self.temp_root = Path(temp_root) if temp_root is not None else None
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.workdir: Path | None = None
@@ -209,7 +212,9 @@ class PrivateRedis:
         return "\n".join(lines) + "\n"
 
     def _make_workdir(self) -> Path:
-        workdir = Path(tempfile.mkdtemp(prefix="c2p-redis-"))
+        if self.temp_root is not None:
+            self.temp_root.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="c2p-redis-", dir=self.temp_root))
         if self.unix_socket and len(str(workdir / "redis.sock")) > _MAX_SOCKET_PATH:
             shutil.rmtree(workdir, ignore_errors=True)
             workdir = Path(tempfile.mkdtemp(prefix="c2p-redis-", dir="/tmp"))
@@ -325,9 +330,10 @@ class PrivateRedis:
         return f"PrivateRedis({where}, pid={self.pid})"
 
 
-def redis_url_or_private(settings_url: str | None) -> tuple[str, PrivateRedis | None]:
-    """The configured Redis, or a private one started now (the caller stops it: it is the second item)."""
+def redis_url_or_private(settings_url: str | None, temp_root: Path | None = None) -> tuple[str, PrivateRedis | None]:
+    """The configured Redis, or a private one started now in ``temp_root`` (the caller stops it: it is the second
+    item)."""
     if settings_url:
         return settings_url, None
-    server = PrivateRedis().start()
+    server = PrivateRedis(temp_root=temp_root).start()
     return server.url, server

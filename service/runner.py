@@ -47,7 +47,7 @@ def _on_signals(callback: Callable[[], None]) -> None:
 
 
 def load_warm_engine(settings: Settings) -> Engine:
-    directory = ensure_artifact(settings.model, settings.artifacts_dir)
+    directory = ensure_artifact(settings.model, settings.artifacts_dir, settings.engine.kind)
     engine = load_engine(directory, settings.engine)
     if settings.engine.warmup:
         timings = warm_up(engine, (1, settings.engine.max_batch_size))
@@ -82,7 +82,7 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
     if gateway:
         check_exposure(settings, authenticator)  # before anything starts: an open port beyond loopback never does
     tracing.configure(settings.tracing, "serve" if gateway and worker else "gateway" if gateway else "worker")
-    url, private = redis_url_or_private(settings.redis_url)
+    url, private = redis_url_or_private(settings.redis_url, settings.cache_dir)
     client = _client(url)
     tasks: list[asyncio.Task] = []
     try:
@@ -97,8 +97,13 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
             if not gateway and settings.worker.ops_port:
                 ops = _ops_server(settings, runner, metrics, client)
 
+        stopping = False
+
         def stop() -> None:
-            log.info("shutting down")
+            nonlocal stopping
+            if not stopping:  # a signal, then the first part to end: one shutdown, logged once
+                stopping = True
+                log.info("shutting down")
             if server is not None:
                 server.should_exit = True
             if runner is not None:

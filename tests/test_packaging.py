@@ -41,6 +41,8 @@ def test_the_wheel_carries_generated_grpc_code_and_the_model(tmp_path: Path) -> 
         "service/grpc/gen/inference/grpc_service_pb2.py",
         "models/weights/c2p-femto-192.safetensors",
         "models/weights/c2p-femto-192.json",
+        "models/weights/c2p-femto-192.onnx",  # the serving graph without its weights (models/restore.py)
+        "models/weights/c2p-femto-192.export.json",
     ):
         assert expected in names, expected
     assert not any(name.startswith("proto/") for name in names)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.files import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE, sha256_file
+from models.files import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE, WEIGHTS_DATA_FILE, sha256_file
 from service.errors import ArtifactInvalid, ArtifactNotFound
 
 FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
@@ -53,6 +53,14 @@ def open_artifact(directory: str | Path, kind: str, *, check_digest: bool = True
         raise ArtifactInvalid(f"{card_file} is not a C2P export card: {err!r}") from err
     if check_digest and sha256_file(model_file) != recorded:
         raise ArtifactInvalid(f"{model_file} does not match the sha256 in {card_file}: re-export the model")
+    # A graph restored from the shipped weights (models.restore) reads them from weights.bin beside it.
+    data = card["artifacts"].get(WEIGHTS_DATA_FILE) if kind == "onnx" else None
+    if data is not None:
+        data_file = directory / WEIGHTS_DATA_FILE
+        if not data_file.is_file():
+            raise ArtifactNotFound(f"model artifact incomplete: {data_file} is missing")
+        if check_digest and sha256_file(data_file) != data.get("sha256"):
+            raise ArtifactInvalid(f"{data_file} does not match the sha256 in {card_file}: remove the folder")
     return Artifact(directory, kind, card)
 
 
