@@ -13,6 +13,12 @@ as documented (``status_code_conformance``, ``content_type_conformance``, ``resp
 is left out: a schema cannot say "a decodable image", so schema-valid random bytes are rightly refused.
 
 Reproducible: hypothesis is derandomized, and the example budget per operation keeps the run short.
+
+Driven without schemathesis's pytest plugin (which reaches into pytest's private node ids and breaks on pytest 9.2):
+``schemathesis_run.fuzz`` runs hypothesis over ``operation.as_strategy`` for every generation mode the config enables,
+one pytest test per operation, the operations read from the app's OpenAPI at collection (no server needed). A tally
+of the cases sent shows positive and negative cases and seeds all went out, and a planted 500 in a tiny app shows
+the same driver fails, naming the operation, the check and the case.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import gzip
 import io
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,10 @@ import pytest
 import redis
 import requests
 import schemathesis
-from hypothesis import HealthCheck, settings
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from hypothesis import HealthCheck
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from schemathesis.checks import (
@@ -48,10 +58,12 @@ from schemathesis.checks import (
     unsupported_method,
 )
 
-from service.config import QueueSettings
+from service.config import QueueSettings, Settings
+from service.gateway.app import create_app
 from service.gateway.dicomweb import MEDIA_DICOM, MEDIA_DICOM_JSON
 from tests.conftest import TEST_VARIANT
-from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, serving_http
+from tests.service.harness import disc_image, engine_for, free_port, make_settings, png_bytes, serving_http
+from tests.service.schemathesis_run import OperationFailed, fuzz
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +78,24 @@ CHECKS = [
     response_schema_conformance,
     unsupported_method,
 ]
+SETTINGS = {
+    "max_examples": MAX_EXAMPLES,
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much],
+}
 # Cases the hook seeded: schemathesis re-derives a changed case's mode from its parts, and raw file bytes in a
 # format: binary field read as schema-violating, so negative_data_rejection would call a seeded upload negative.
 SEEDED: set[str] = set()
+# What test_api sent: cases by (operation, the generation mode that drew them), and the seeded ones by operation.
+SENT: Counter[tuple[str, str]] = Counter()
+SEEDED_SENT: Counter[str] = Counter()
+# The operations, from the app's own OpenAPI (building the app needs no Redis, model or server).
+LABELS = [
+    result.ok().label
+    for result in schemathesis.openapi.from_dict(create_app(Settings()).openapi()).get_all_operations()
+]
 
 
 def _nifti() -> bytes:
@@ -283,27 +310,57 @@ def api_schema(served: dict[str, Any]) -> schemathesis.BaseSchema:
     return loaded
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+def test_the_served_schema_has_the_collected_operations(api_schema: schemathesis.BaseSchema) -> None:
+    """test_api is parametrized from the app built at collection; the served schema must list the same operations."""
+    assert [result.ok().label for result in api_schema.get_all_operations()] == LABELS
 
 
-@schema.parametrize()
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-def test_api(case: schemathesis.Case) -> None:
-    check(case)
+@pytest.mark.parametrize("label", LABELS)
+def test_api(api_schema: schemathesis.BaseSchema, label: str) -> None:
+    operation = api_schema.find_operation_by_label(label)
+    assert operation is not None, label
+
+    def send(case: schemathesis.Case) -> None:
+        if case.id in SEEDED:
+            SEEDED_SENT[label] += 1
+        check(case)
+
+    fuzz(operation, send, settings=SETTINGS, headers=extra_headers, sent=SENT)
+
+
+def test_the_cases_sent_were_positive_negative_and_seeded() -> None:
+    """Generation mode "all" and the flatmap_case hook reach the driver: negative cases go to every operation with a
+    body, seeds to the upload, inference and STOW-RS."""
+    fuzzed = {label for label, _ in SENT}
+    if fuzzed != set(LABELS):
+        pytest.skip(f"test_api ran for {len(fuzzed)} of {len(LABELS)} operations")
+    positive = {label: SENT[label, "positive"] for label in LABELS}
+    negative = {label: SENT[label, "negative"] for label in LABELS}
+    print(
+        f"cases sent: {sum(positive.values())} positive ({sum(SEEDED_SENT.values())} seeded), "
+        f"{sum(negative.values())} negative, over {len(LABELS)} operations"
+    )
+    for label in LABELS:
+        print(f"  {label}: {positive[label]} positive ({SEEDED_SENT[label]} seeded), {negative[label]} negative")
+    for label in LABELS:
+        assert SEEDED_SENT[label] <= positive[label] <= positive[label] + negative[label] <= MAX_EXAMPLES, label
+        assert positive[label] > 0, label
+        if label.startswith("POST "):
+            assert negative[label] > 0, label
+    for label in ("POST /v1/segmentations", "POST /v2/models/{model}/infer", "POST /dicomweb/studies/{study}"):
+        assert SEEDED_SENT[label] > 0, label
+
+
+def extra_headers(case: schemathesis.Case) -> dict[str, str] | None:
+    """STOW-RS bodies go with the boundary the serializer writes."""
+    return {"Content-Type": STOW_CONTENT_TYPE} if case.path.startswith("/dicomweb/") else None
 
 
 def check(case: schemathesis.Case) -> schemathesis.Response:
     """Send the case and run the checks; every 4xx but STOW-RS's DICOM JSON (a 409 naming the refused instances)
     carries the service's error code and a message."""
-    headers = {"Content-Type": STOW_CONTENT_TYPE} if case.path.startswith("/dicomweb/") else None
     checks = CHECKS if case.id in SEEDED else [*CHECKS, negative_data_rejection]
-    response = case.call_and_validate(headers=headers, checks=checks)
+    response = case.call_and_validate(headers=extra_headers(case), checks=checks)
     media = response.headers.get("content-type", [""])[0]  # schemathesis's headers: lower-case names, list values
     if 400 <= response.status_code < 500 and media != MEDIA_DICOM_JSON:
         assert media == "application/json", (response.status_code, media)
@@ -325,6 +382,71 @@ def test_every_seed_conforms(api_schema: schemathesis.BaseSchema, served: dict[s
     # the seeds reach the model: uploads, inference and STOW-RS succeed where their input is good
     for label in ("POST /v1/segmentations", "POST /v2/models/{model}/infer", "POST /dicomweb/studies/{study}"):
         assert 200 in statuses[label], (label, statuses[label])
+
+
+# ------------------------------------------------------------------------------------------------- the driver fails
+
+
+@pytest.fixture(scope="module")
+def planted() -> Iterator[tuple[FastAPI, str]]:
+    """A one-operation app under uvicorn in a thread: with ``app.state.planted`` set it answers 500 for items > 3."""
+    app = FastAPI(title="planted", version="1")
+    app.state.planted = False
+
+    @app.get("/items/{item}", responses={200: {"description": "the item"}})
+    def item(item: int) -> dict[str, int]:
+        if app.state.planted and item > 3:
+            return JSONResponse({"detail": "planted"}, status_code=500)  # type: ignore[return-value]
+        return {"item": item}
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="schemathesis-planted", daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started, "uvicorn did not start"
+        yield app, f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def _fuzz_planted(url: str, sent: Counter[tuple[str, str]]) -> None:
+    loaded = schemathesis.openapi.from_url(f"{url}/openapi.json", config=schemathesis.Config.from_dict(CONFIG))
+    (result,) = loaded.get_all_operations()
+    checks = [*CHECKS, negative_data_rejection]
+    fuzz(result.ok(), lambda case: case.call_and_validate(checks=checks), settings=SETTINGS, sent=sent)
+
+
+def test_the_planted_app_passes_without_its_bug(planted: tuple[FastAPI, str]) -> None:
+    app, url = planted
+    app.state.planted = False
+    sent: Counter[tuple[str, str]] = Counter()
+    _fuzz_planted(url, sent)
+    assert sent["GET /items/{item}", "positive"] > 0 and sent["GET /items/{item}", "negative"] > 0, sent
+
+
+def test_a_planted_server_error_is_reported(planted: tuple[FastAPI, str]) -> None:
+    app, url = planted
+    app.state.planted = True
+    try:
+        with pytest.raises(OperationFailed) as raised:
+            _fuzz_planted(url, Counter())
+    finally:
+        app.state.planted = False
+    error = raised.value
+    assert error.label == "GET /items/{item}"
+    (failure,) = error.failures
+    assert "not_a_server_error" in failure.checks
+    assert failure.case.path_parameters["item"] > 3  # shrunk to a failing case, and that case is reported
+    message = str(error)
+    assert "GET /items/{item}" in message and "500" in message and "not_a_server_error" in message
+    assert f"curl -X GET {url}/items/{failure.case.path_parameters['item']}" in message, message
+    response = requests.get(f"{url}/items/{failure.case.path_parameters['item']}", timeout=5)
+    assert response.status_code == 200  # the bug is off again: the failure came from the planted 500
 
 
 # ------------------------------------------------------------------------------------------------- regressions
