@@ -1,7 +1,9 @@
 """``c2p segment INPUT... --out DIR``: the service's pipeline on local files, no server, no Redis.
 
 Each input (a file, or a folder holding one DICOM series) gives ``DIR/<name>.json`` in the result
-schema, plus a DICOM SEG, a NIfTI labelmap and/or a PNG overlay when asked. Same decoder, batcher, engine,
+schema, plus a DICOM SEG, a NIfTI labelmap and/or a PNG overlay when asked. Each format is rendered on its own; one
+this input cannot have (a DICOM SEG of a NIfTI: OutputNotAvailable) is skipped with a warning and named under
+``"skipped"`` in the input's summary entry, and is no failure. Same decoder, batcher, engine,
 report and output writers (service.outputs) as the worker and gateway, so a local run and a served request give
 the same files.
 """
@@ -9,6 +11,7 @@ the same files.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +22,11 @@ from service import outputs
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.engine import Engine
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidRequest, OutputNotAvailable, ServiceError
 from service.inputs import Upload
 from service.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
 
 FORMATS = outputs.FORMATS
 SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".zip")
@@ -89,21 +94,33 @@ async def _segment_all(
             written = [out / f"{name}.json"]
             written[0].write_text(result.model_dump_json(indent=1))
             members = dict(outputs.kept_members(segmentation.volume, result)) if keep else {}
-            try:
-                for fmt in formats:
-                    if fmt != "json":
-                        data = outputs.render(fmt, result, members)
-                        written.append(out / f"{name}{outputs.EXTENSIONS[fmt]}")
-                        written[-1].write_bytes(data)
-            except ServiceError as err:  # a format this input cannot have (DICOM SEG of a PNG)
+            skipped: dict[str, str] = {}
+            error: ServiceError | None = None
+            for fmt in formats:  # each on its own: one that cannot be made leaves the others written
+                if fmt == "json":
+                    continue
+                try:
+                    data = outputs.render(fmt, result, members)
+                except OutputNotAvailable as err:  # a format this input cannot have (DICOM SEG of a NIfTI): no failure
+                    log.warning("%s: %s skipped: %s", name, fmt, err.message)
+                    skipped[fmt] = err.message
+                    continue
+                except ServiceError as err:
+                    error = error or err
+                    continue
+                written.append(out / f"{name}{outputs.EXTENSIONS[fmt]}")
+                written[-1].write_bytes(data)
+            entry: dict[str, object] = {"input": str(path), "outputs": [str(p) for p in written]}
+            if skipped:
+                entry["skipped"] = skipped
+            if error is not None:
                 failures += 1
-                summary.append({"input": str(path), "outputs": [str(p) for p in written], "error": err.body()})
+                summary.append({**entry, "error": error.body()})
                 continue
             reliability = segmentation.result.reliability
             summary.append(
                 {
-                    "input": str(path),
-                    "outputs": [str(p) for p in written],
+                    **entry,
                     "slices": segmentation.result.input.shape[0],
                     "area": sum(s.area for s in segmentation.result.mask.slices),
                     "reliability": reliability.score,
@@ -120,5 +137,7 @@ def segment(
     engine: Engine, settings: Settings, inputs: Sequence[Path], out: Path, formats: Sequence[str],
     modality: str | None = None, progress: bool = True,
 ) -> tuple[list[dict[str, object]], int]:  # fmt: skip
-    """Segment every input; returns a summary per input and the number that failed (with their errors)."""
+    """Segment every input; returns a summary per input and the number that failed (with their errors). A format
+    skipped because the input cannot have it does not count as a failure; an input that cannot be read or decoded,
+    or any other ServiceError while writing its formats, does."""
     return asyncio.run(_segment_all(engine, settings, inputs, out, formats, modality, progress))
