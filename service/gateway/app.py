@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import outputs, presence
 from service.access import Access
@@ -28,7 +30,7 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.errors import InvalidRequest, ResultNotReady, ServiceError, Unauthenticated, Unavailable, from_code
 from service.gateway import dicomweb, kserve, ui
-from service.gateway.identity import WWW_AUTHENTICATE, Caller, caller
+from service.gateway.identity import APIS, WWW_AUTHENTICATE, Caller, caller
 from service.gateway.uploads import BodyLimit, read_files
 from service.metrics import Metrics
 from service.queue import JobQueue, connect
@@ -36,6 +38,7 @@ from service.schema import ErrorInfo, Job
 from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("c2p.access")
 
 API = "rest"
 MODALITIES = ("CT", "MR", "US", "XR", "DX", "CR", "MG", "OCT", "OP", "ES", "SM", "XC", "RGB")
@@ -67,6 +70,79 @@ def error_response(err: ServiceError, job_id: str | None = None) -> JSONResponse
     if isinstance(err, Unauthenticated):
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return JSONResponse(body, status_code=err.http_status, headers=headers)
+
+
+# A 4xx answer's body is read this far for its error code (error bodies are a few hundred bytes).
+ERROR_BODY_PEEK = 4096
+ERROR_CODE_STATE = "error_code"  # request.state key for answers whose body has no "code" (STOW-RS's 409)
+
+
+class RejectedLog:
+    """ASGI middleware: one INFO line on ``c2p.access`` for every request answered 4xx, whichever path answered it
+    (the error handlers below, the Open Inference Protocol's v2 errors, STOW-RS, an unknown route).
+
+    The line holds the API, status, error code, method, route template (``/v1/segmentations/{job_id}``; the raw
+    path only where no route matched) and the caller's tenant once known; never the query string, the message or
+    anything else of the request, so no patient data reaches it. The code is the ``code`` of the answer's JSON body
+    (both error shapes carry one) unless a handler put one in ``request.state.error_code``. 5xx answers are logged
+    where they happen, as before."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})  # the dict request.state writes to, so the principal is seen here
+        status = 0
+        json_body = False
+        body = bytearray()
+
+        async def watched(message: Message) -> None:
+            nonlocal status, json_body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = dict(message.get("headers", ()))
+                json_body = b"json" in headers.get(b"content-type", b"")
+            elif message["type"] == "http.response.body" and 400 <= status < 500 and json_body:
+                body.extend(message.get("body", b"")[: ERROR_BODY_PEEK - len(body)])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            if 400 <= status < 500:
+                log_rejected(scope, status, bytes(body))
+
+
+def log_rejected(scope: Scope, status: int, body: bytes) -> None:
+    state = scope.get("state") or {}
+    code = state.get(ERROR_CODE_STATE) or _body_code(body) or "-"
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None) or scope.get("path", "")
+    path = scope.get("path", "")
+    entry: dict[str, str | int] = {
+        "event": "rejected",
+        "api": next((name for prefix, name in APIS if path.startswith(prefix)), API),
+        "status": status,
+        "code": str(code),
+        "method": str(scope.get("method", "")),
+        "route": str(template),
+    }
+    principal = state.get("principal")
+    if principal is not None:
+        entry["tenant"] = principal.tenant
+    access_log.info("%s", json.dumps(entry, separators=(",", ":")))
+
+
+def _body_code(body: bytes) -> str | None:
+    try:
+        value = json.loads(body)
+    except ValueError:  # not JSON, or cut off at the peek
+        return None
+    code = value.get("code") if isinstance(value, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def create_app(
@@ -107,6 +183,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_upload_bytes)
+    app.add_middleware(RejectedLog)  # added last: outside BodyLimit, so it sees every answer
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.access = Access(settings, client, authenticator)

@@ -321,6 +321,8 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
         if failure.reason == CANNOT_UNDERSTAND:
             log.info("STOW-RS: refused an instance: %s", failure.message)
     status, body = stow_response(stored, failures)
+    if status >= 400:  # none stored: the access log's line (gateway/app.py) quotes the answer's FailureReasons
+        request.state.error_code = ",".join(sorted({f"0x{f.reason:04X}" for f in failures}))
     return JSONResponse(body, status_code=status, media_type=MEDIA_DICOM_JSON)
 
 

@@ -162,10 +162,16 @@ def _remove_leftovers(gen_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(gen_dir: Path) -> Iterator[None]:
-    """An exclusive lock per generated folder, in the temp dir so that the source tree gains no file."""
-    key = hashlib.sha256(str(gen_dir.resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"c2p-grpc-codegen-{key}.lock"
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access: any user can lock
+    """An exclusive lock for generating ``gen_dir``: flock on its parent folder itself (made if missing), where
+    ``generate`` stages and renames, so no lock file is left anywhere, in the source tree or the temp dir.
+
+    The lock belongs to the folder's inode, not to a spelling of its path, so callers naming it through different
+    paths (relative, symlinked) still exclude each other. flock needs only read access, and each call opens its own
+    descriptor, so threads of one process exclude each other too. Not reentrant: do not nest it for one folder.
+    """
+    parent = gen_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -75,6 +75,7 @@ from service.grpc.server import (
     caller,
     check_response_size,
     error_metadata,
+    log_rejected,
     ready,
     status_code,
     trace_headers,
@@ -363,6 +364,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: ServiceError, job_id: str | None) -> None:
         self.metrics.request_failure.labels(API, err.code).inc()
+        log_rejected(err, API)
         await context.abort(status_code(err), err.message, trailing_metadata=error_metadata(err, job_id))
 
     async def _resolve(self, model: str, version: str | None, fresh: bool = True) -> Served:

@@ -5,6 +5,8 @@ ServiceError into the status its class names in service/errors.py (the table the
 so both APIs answer alike) and puts the error code in trailing metadata ``c2p-error-code``, where a
 client can branch on it without parsing messages; a full queue also sends ``retry-after`` (seconds).
 An interceptor cannot do this in grpc.aio: it sees the call before the handler raises, not the error.
+A refused call (a client error: the table's 4xx) also logs one line on ``c2p.access`` (``log_rejected``): its
+status, code, RPC and tenant, never the message; the one interceptor, ``RpcNames``, only names the RPC for it.
 
 Health follows REST readiness: SERVING only while Redis answers and a warm worker has announced itself,
 because a gateway replica without workers behind it would accept jobs that nobody runs. The status is
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -39,12 +43,18 @@ from service.metrics import Metrics
 from service.queue import JobQueue
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("c2p.access")
 
 API = "grpc"
 ERROR_CODE_KEY = "c2p-error-code"
 RETRY_AFTER_KEY = "retry-after"
 JOB_ID_KEY = "c2p-job-id"
 SEGMENTATION_SERVICE = "c2p.v1.Segmentation"
+
+# What the access log's line names: the RPC (set by RpcNames) and the caller's tenant (set by ``caller``). Each call
+# runs in a task of its own, so these are per call.
+_RPC: contextvars.ContextVar[str | None] = contextvars.ContextVar("c2p_grpc_rpc", default=None)
+_TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("c2p_grpc_tenant", default=None)
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,35 @@ async def abort(
 ) -> NoReturn:
     """End the call with ``err``'s status, message and code (raises grpc.aio.AbortError)."""
     metrics.request_failure.labels(API, err.code).inc()
+    log_rejected(err, API)
     await context.abort(status_code(err), err.message, trailing_metadata=error_metadata(err, job_id))
     raise AssertionError("context.abort returned")  # it always raises; this keeps NoReturn honest
+
+
+def log_rejected(err: ServiceError, api: str) -> None:
+    """One INFO line on ``c2p.access`` for a call refused with a client error (4xx in the error table): the gRPC
+    status, the code, the RPC and the tenant once known; never the message. Server errors are logged where they
+    happen, as before."""
+    if not 400 <= err.http_status < 500:
+        return
+    entry = {"event": "rejected", "api": api, "status": status_code(err).name, "code": err.code}
+    entry["route"] = _RPC.get() or "-"
+    tenant = _TENANT.get()
+    if tenant is not None:
+        entry["tenant"] = tenant
+    access_log.info("%s", json.dumps(entry, separators=(",", ":")))
+
+
+class RpcNames(grpc.aio.ServerInterceptor):
+    """Names the RPC of each call (``/c2p.v1.Segmentation/GetSegmentation``) for ``log_rejected``; changes nothing."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        _RPC.set(handler_call_details.method)
+        return await continuation(handler_call_details)
 
 
 @contextlib.asynccontextmanager
@@ -110,7 +147,9 @@ trace_headers = call_metadata
 async def caller(context: grpc.aio.ServicerContext, access: Access, api: str = API) -> Principal:
     """Who is calling, from ``authorization`` / ``x-api-key`` metadata; Unauthenticated otherwise. Every RPC but
     health and readiness starts with it (a test calls each one without credentials)."""
-    return await access.caller(call_metadata(context), api)
+    principal = await access.caller(call_metadata(context), api)
+    _TENANT.set(principal.tenant)
+    return principal
 
 
 def check_response_size(size: int, limit: int, hint: str = "") -> None:
@@ -168,7 +207,7 @@ def build_server(
 
     config = grpc_settings or settings.grpc
     loop = asyncio.get_running_loop()
-    server = grpc.aio.server(options=server_options(config))
+    server = grpc.aio.server(options=server_options(config), interceptors=[RpcNames()])
     queue = JobQueue(client, settings.queue)
 
     segmentation_pb2_grpc.add_SegmentationServicer_to_server(

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import typing
 from collections.abc import Iterator
@@ -469,6 +470,42 @@ def test_concurrent_starts_generate_once(proto_copy: Path, tmp_path: Path, monke
     assert not errors and len(runs) == 1
     assert codegen.is_current(proto_copy, gen)
     assert not (tmp_path / ".gen-new-killed").exists()
+
+
+def test_codegen_leaves_no_lock_file(proto_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is the generated folder's parent itself (made when missing): nothing is left in the temp dir or
+    beside the package, whichever way generation is started (on import, ``--force``, setup.py's ``_locked``)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert tempfile.gettempdir() == str(temp)
+    parent = tmp_path / "not" / "yet" / "pkg"
+    gen = parent / "gen"
+
+    with codegen._locked(gen):
+        assert parent.is_dir() and not gen.exists()
+        # Held on the parent folder, across processes: another one cannot take it meanwhile.
+        probe = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "try:\n"
+            "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except BlockingIOError:\n"
+            "    sys.exit(3)\n"
+        )
+        held = subprocess.run([sys.executable, "-c", probe, str(parent)], capture_output=True, text=True, check=False)
+        assert held.returncode == 3, held.stderr
+        codegen.generate(proto_copy, gen, "pkg.gen")  # as setup.py does under the lock
+    freed = subprocess.run([sys.executable, "-c", probe, str(parent)], capture_output=True, text=True, check=False)
+    assert freed.returncode == 0, freed.stderr
+
+    _add_field(proto_copy)
+    codegen.ensure_generated(proto_copy, gen, "pkg.gen")
+    assert codegen.main(["--proto-root", str(proto_copy), "--out", str(gen), "--package", "pkg.gen", "--force"]) == 0
+    assert codegen.is_current(proto_copy, gen)
+    assert not list(temp.glob("c2p-grpc-codegen-*.lock"))
+    assert [path.name for path in parent.iterdir()] == ["gen"]
 
 
 def test_codegen_failures_are_clear(proto_copy: Path, tmp_path: Path) -> None:
