@@ -92,7 +92,7 @@ def test_the_readme_examples_run_against_the_readme_service(tmp_path: Path) -> N
                 job = json.loads(out)
                 assert job["status"] in ("queued", "running", "succeeded"), job
                 job_id = job["id"]
-        log_text = log.read_text()
+    log_text = log.read_text()  # after the with: the service has been stopped
     assert log_text.count("shutting down") == 1, log_text
     speakers = set(re.findall(r"^INFO ([\w.]+):", log_text, flags=re.M))
     assert {name.split(".")[0] for name in speakers} <= {"c2p", "service", "models"}, speakers

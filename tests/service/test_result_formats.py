@@ -192,9 +192,10 @@ def test_c2p_segment_writes_the_same_formats(
         ["segment", str(series), str(picture), "--out", str(out), "--format", "json,dicom-seg,nifti,png",
          "--model", str(exported)]
     )  # fmt: skip
-    assert code == 1  # the PNG cannot have a DICOM SEG: reported, the rest still written
+    assert code == 0  # the PNG cannot have a DICOM SEG: skipped with its reason, the rest still written
     summary = {Path(entry["input"]).name: entry for entry in json.loads(capsys.readouterr().out)}
-    assert summary["disc.png"]["error"]["code"] == "output_not_available"
+    assert "dicom-seg" in summary["disc.png"]["skipped"], summary["disc.png"]
+    assert {Path(p).name for p in summary["disc.png"]["outputs"]} == {"disc.json", "disc.nii.gz", "disc.png"}
     assert {Path(p).name for p in summary["series"]["outputs"]} == {
         "series.json", "series.seg.dcm", "series.nii.gz", "series.png"
     }  # fmt: skip
