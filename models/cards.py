@@ -13,6 +13,12 @@ from typing import Any
 from models.files import WEIGHTS_DIR, sha256_file
 from models.registry import VARIANTS, C2PConfig
 
+# What every model of this project is for, said in every result and DICOM SEG; a card may say more, never less.
+INTENDED_USE = (
+    "RESEARCH USE ONLY. Not a medical device; not for diagnosis, treatment or any clinical decision. Trained on "
+    "synthetic data and packaged anatomy, not on patients; every mask needs review by a qualified reader."
+)
+
 
 def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")

@@ -5,7 +5,13 @@ batch. A view whose mask disagrees with its own predicted geometry is less trust
 is weighted by exp(-5u), u = 10|A - a| + ||C - c|| (measured vs predicted area and centroid), and the
 un-flipped probabilities are fused with those weights. The outputs carry what a reliability report
 needs: the weights, the inconsistencies, the fused predicted geometry, the measured geometry of the
-final mask, and how much the views agree.
+final mask, how much the views agree, and the fused concept embedding (the concept readout's input).
+
+Weights are taken relative to the best view, w_i = exp(-5 (u_i - min u)), by default: the fusion is the same
+wherever exp(-5u) is representable, but when every view has u above about 4 the plain weights all underflow
+to 0 and sum(w p) / (sum(w) + 1e-8) erases the mask even where the views agree. The reference's formula
+(plain weights, that denominator) stays available as ``weighting="reference"`` for imported reference models.
+How far to trust the views is judged from u itself (reliability), never from the relative weights.
 """
 
 from __future__ import annotations
@@ -24,17 +30,19 @@ WEIGHT_SHARPNESS = 5.0
 EMPTY_AREA = 0.001
 EMPTY_MEAN_PROB = 0.005
 THRESHOLD = 0.5
+WEIGHTINGS = ("relative", "reference")
 
 
 class ConsensusOutput(NamedTuple):
     prob: torch.Tensor  # [B, 1, S, S] fused foreground probability (zero where the empty gate fired)
-    view_weights: torch.Tensor  # [B, 3] w_i, in VIEWS order
+    view_weights: torch.Tensor  # [B, 3] w_i as fused (relative: the best view has 1), in VIEWS order
     view_inconsistency: torch.Tensor  # [B, 3] u_i
     geometry_pred: torch.Tensor  # [B, 14] predicted geometry, un-flipped and fused with the view weights
     geometry_mask: torch.Tensor  # [B, 14] geometry measured on the final mask (prob >= 0.5)
     geometry_valid: torch.Tensor  # [B, 14] bool, which measured values are defined
     view_agreement: torch.Tensor  # [B] mean pairwise soft Dice of the un-flipped views (1 if all see nothing)
     empty_gate: torch.Tensor  # [B] 1.0 where the empty gate suppressed the mask
+    concept_embedding: torch.Tensor  # [B, text_dim] the SEM diagnosis head, fused over the views, unit length
 
 
 OUTPUT_NAMES = ConsensusOutput._fields
@@ -81,18 +89,38 @@ def view_inconsistency(prob: torch.Tensor, geometry: torch.Tensor) -> torch.Tens
     return AREA_WEIGHT * area_gap + centroid_gap
 
 
-def consensus(fg_logits: torch.Tensor, geometry: torch.Tensor) -> ConsensusOutput:
-    """fg_logits [3B, 1, H, W] and geometry [3B, 14] from the views of ``make_views`` -> fused outputs."""
+def view_weights(u: torch.Tensor, weighting: str = "relative") -> torch.Tensor:
+    """[3, B] inconsistencies -> fusion weights (module docstring)."""
+    if weighting == "relative":
+        return torch.exp(-WEIGHT_SHARPNESS * (u - u.min(dim=0, keepdim=True).values))
+    if weighting == "reference":
+        return torch.exp(-WEIGHT_SHARPNESS * u)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def consensus(
+    fg_logits: torch.Tensor,
+    geometry: torch.Tensor,
+    concept: torch.Tensor | None = None,
+    weighting: str = "relative",
+) -> ConsensusOutput:
+    """fg_logits [3B, 1, H, W], geometry [3B, 14] and concept embeddings [3B, T] (optional) from the views of
+    ``make_views`` -> fused outputs."""
     n, _, h, w = fg_logits.shape
     b = n // NUM_VIEWS
     prob = torch.sigmoid(fg_logits[:, 0])  # [3B, H, W], each in its own view's frame
     u = view_inconsistency(prob, geometry).reshape(NUM_VIEWS, b)
-    weights = torch.exp(-WEIGHT_SHARPNESS * u)  # [3, B]
+    weights = view_weights(u, weighting)  # [3, B]
+    total = weights.sum(0) + 1e-8
     views = _unflip_maps(prob.reshape(NUM_VIEWS, b, h, w))
-    fused = (weights[:, :, None, None] * views).sum(0) / (weights.sum(0)[:, None, None] + 1e-8)
+    fused = (weights[:, :, None, None] * views).sum(0) / total[:, None, None]
 
     predicted = _unflip_geometry(geometry.reshape(NUM_VIEWS, b, -1))  # [3, B, 14] in the original frame
-    geometry_pred = (weights[..., None] * predicted).sum(0) / (weights.sum(0)[:, None] + 1e-8)
+    geometry_pred = (weights[..., None] * predicted).sum(0) / total[:, None]
+    if concept is None:
+        concept = fg_logits.new_zeros(n, 1)
+    embedding = (weights[..., None] * concept.reshape(NUM_VIEWS, b, -1)).sum(0) / total[:, None]
+    embedding = embedding / embedding.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     mean_area = predicted[..., ATTRIBUTE_SLICES["area"]].squeeze(-1).mean(0)
     gate = ((mean_area < EMPTY_AREA) & (fused.flatten(1).mean(-1) < EMPTY_MEAN_PROB)).to(fused.dtype)
@@ -107,11 +135,17 @@ def consensus(fg_logits: torch.Tensor, geometry: torch.Tensor) -> ConsensusOutpu
         geometry_valid=geometry_valid,
         view_agreement=pairwise_dice(views),
         empty_gate=gate,
+        concept_embedding=embedding,
     )
 
 
 class Consensus(nn.Module):
     """The consensus step as a module, so the serving graph holds it like any other part."""
 
-    def forward(self, fg_logits: torch.Tensor, geometry: torch.Tensor) -> ConsensusOutput:
-        return consensus(fg_logits, geometry)
+    def __init__(self, weighting: str = "relative") -> None:
+        super().__init__()
+        view_weights(torch.zeros(NUM_VIEWS, 1), weighting)  # refuse an unknown weighting now, not at export
+        self.weighting = weighting
+
+    def forward(self, fg_logits: torch.Tensor, geometry: torch.Tensor, concept: torch.Tensor) -> ConsensusOutput:
+        return consensus(fg_logits, geometry, concept, self.weighting)

@@ -2,7 +2,8 @@
 
 Three signals, each in [0, 1], that should all be high when a segmentation is right:
 - agreement: mean pairwise soft Dice of the three views (a model that is unsure hesitates or flips),
-- consistency: mean view weight exp(-5u) (each view's mask matches its own predicted geometry); for
+- consistency: mean of exp(-5u) over the views (each view's mask matches its own predicted geometry), from
+  u itself, not the fusion weights (which are relative to the best view); for
   an empty result, where u's centroid term is undefined, how firmly the GEO heads predict no area,
 - geometry: predicted vs measured area and centroid of the final mask agree.
 The score is their weighted mean; evaluation reports how well it ranks real Dice (Spearman, AUROC).
@@ -15,7 +16,9 @@ import numpy as np
 from models.attributes import ATTRIBUTE_SLICES
 
 WEIGHTS = {"agreement": 0.5, "consistency": 0.3, "geometry": 0.2}
-LEVELS = ((0.8, "high"), (0.5, "medium"), (0.0, "low"))
+# Uncalibrated bounds, for a card without a calibration (models/calibration.py fits them on held-out data).
+DEFAULT_LEVELS = ((0.8, "high"), (0.5, "medium"), (0.0, "low"))
+LEVELS = DEFAULT_LEVELS
 
 
 def geometry_gap(predicted: np.ndarray, measured: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -32,12 +35,23 @@ def reliability(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     agreement = np.clip(outputs["view_agreement"], 0, 1)
     empty = ~outputs["geometry_valid"][:, ATTRIBUTE_SLICES["centroid"]].any(-1)
     predicted_area = outputs["geometry_pred"][:, ATTRIBUTE_SLICES["area"]][:, 0]
-    consistency = np.where(empty, np.exp(-100 * predicted_area), np.clip(outputs["view_weights"].mean(-1), 0, 1))
+    consistency = np.where(
+        empty, np.exp(-100 * predicted_area), np.exp(-5 * np.clip(outputs["view_inconsistency"], 0, None)).mean(-1)
+    )
     gap = geometry_gap(outputs["geometry_pred"], outputs["geometry_mask"], outputs["geometry_valid"])
     geometry = np.exp(-5 * gap)
     score = WEIGHTS["agreement"] * agreement + WEIGHTS["consistency"] * consistency + WEIGHTS["geometry"] * geometry
     return {"score": score, "agreement": agreement, "consistency": consistency, "geometry": geometry}
 
 
-def level(score: float) -> str:
-    return next(name for bound, name in LEVELS if score >= bound)
+def level(score: float, levels=DEFAULT_LEVELS) -> str:
+    """The name of the first (highest) bound the score reaches; ``levels`` is [(bound, name), ...], high first."""
+    return next((name for bound, name in levels if score >= bound), levels[-1][1])
+
+
+def levels_from_card(block) -> tuple[tuple[float, str], ...]:
+    """The card's calibrated bounds (``reliability.levels``: [{"name", "min_score"}, ...]), else the defaults."""
+    if not block or not block.get("levels"):
+        return DEFAULT_LEVELS
+    pairs = sorted(((float(e["min_score"]), str(e["name"])) for e in block["levels"]), reverse=True)
+    return (*pairs[:-1], (0.0, pairs[-1][1]))

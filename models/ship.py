@@ -43,6 +43,7 @@ def ship(
         "dtype": "float16",
         "licence": "Apache-2.0 (weights trained by this project on its own synthetic data)",
         "train": card.get("train", {}),
+        "recipe": card.get("recipe"),
         "provenance": provenance,
         "evaluation": json.loads(Path(evaluation).read_text()),
     }

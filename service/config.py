@@ -45,6 +45,13 @@ class LimitSettings(BaseModel):
     max_slices: int = Field(4096, ge=1)  # frames x files, or NIfTI z
     max_voxels: int = Field(600_000_000, ge=1)  # the decoded volume, all slices
     max_expansion_ratio: int = Field(200, ge=1)  # gzip / deflate / zip: decoded bytes per stored byte
+    # ... checked only beyond this decoded size: a blank image compresses far better than 200:1 and is a valid
+    # input (an all-zero 197 x 233 NIfTI is 3 MB from 8 KB), while a bomb still has to be large to hurt.
+    expansion_floor_bytes: int = Field(64 * MIB, ge=0)
+
+    def expansion_bound(self, stored: int) -> int:
+        """The most a compressed member of ``stored`` bytes may decode to (before the upload limit)."""
+        return max(self.max_expansion_ratio * stored, self.expansion_floor_bytes)
 
 
 class QueueSettings(BaseModel):
@@ -75,9 +82,11 @@ class WorkerSettings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     # Threshold on the fused probability; the mask is what a caller gets, the probability is not sent.
     threshold: float = Field(0.5, gt=0, lt=1)
-    # Volume consistency: a slice whose area jumps this many MADs from its neighbours' is an outlier.
+    # Volume consistency: a slice whose area jumps this many MADs from its neighbours' is an outlier. Outliers
+    # are flagged (reliability.outlier_slices) and kept: a real small finding on one to three slices looks
+    # exactly like one. Erasing them is an opt-in.
     outlier_mads: float = Field(6.0, gt=0)
-    suppress_outliers: bool = True
+    suppress_outliers: bool = False
     # Keep a windowed uint8 preview and the DICOM headers with each result (about one byte per voxel before
     # compression, for result_ttl_s), so the PNG and DICOM SEG formats can be made on request. Off: JSON and
     # NIfTI only.

@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from models.recipe import Recipe
 from service import preprocess, tracing
 from service.batcher import DynamicBatcher
 from service.codecs import rle
 from service.config import Settings
 from service.engine import Engine
 from service.inputs import Upload, Volume, decode
+from service.interpret import CardReadout
 from service.report import SliceOutputs, build_reliability, mask_on_grid, volume_outliers
 from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
 
@@ -59,6 +61,8 @@ class Pipeline:
         self.size = engine.artifact.input_size
         self.mean = engine.artifact.card["input"]["mean"]
         self.std = engine.artifact.card["input"]["std"]
+        self.recipe = Recipe.from_card(engine.artifact.card["input"].get("recipe"))
+        self.readout = CardReadout(engine.artifact.card)
         # Enough slices in flight to fill a few batches; more would only hold memory.
         self.window = max(4, 4 * settings.engine.max_batch_size)
 
@@ -76,7 +80,7 @@ class Pipeline:
         start = time.perf_counter()
         with tracing.span("c2p.decode"):
             volume = await self._in_thread(decode, files, self.settings.limits, modality_hint)
-            plan = await self._in_thread(preprocess.plan, volume, self.size)
+            plan = await self._in_thread(preprocess.plan, volume, self.size, self.recipe)
         decoded = time.perf_counter()
 
         with tracing.span("c2p.infer", **{"c2p.slices": volume.shape[0]}):
@@ -100,7 +104,8 @@ class Pipeline:
 
         with tracing.span("c2p.encode"):
             encoded = await self._in_thread(encode_all)
-        report = build_reliability(outputs, [s.area for s in encoded], outliers, suppress)
+        areas = [s.area for s in encoded]
+        report = build_reliability(outputs, areas, outliers, suppress, self.readout.levels)
         done = time.perf_counter()
 
         result = SegmentationResult(
@@ -123,6 +128,8 @@ class Pipeline:
                 inference_ms=round((inferred - decoded) * 1000, 2),
                 encode_ms=round((done - inferred) * 1000, 2),
             ),
+            concept=self.readout.concept(outputs, areas),
+            intended_use=self.readout.intended_use,
         )
         return Segmentation(result=result, volume=volume)
 
@@ -130,21 +137,27 @@ class Pipeline:
         """Feed slices to the batcher, at most ``window`` in flight, preparing the next ones meanwhile."""
         total = volume.pixels.shape[0]
         results: list[SliceOutputs | None] = [None] * total
-        iterator = preprocess.slices(volume, plan, self.mean, self.std)
+        iterator = preprocess.prepared(volume, plan, self.mean, self.std)
         in_flight: set[asyncio.Task] = set()
         done_count = 0
 
         async def one(index: int, image: np.ndarray) -> None:
             results[index] = SliceOutputs.from_engine(await self.batcher.submit(image))
 
-        def next_image() -> np.ndarray | None:
-            return next(iterator, None)
+        end = object()
+
+        def next_image() -> Any:
+            return next(iterator, end)
 
         try:
             for index in range(total):
                 image = await self._in_thread(next_image)
-                if image is None:
+                if image is end:
                     raise RuntimeError(f"preprocessing yielded {index} slices, the volume has {total}")
+                if image is None:  # the content gate: nothing to segment, the engine is not asked
+                    results[index] = SliceOutputs.for_blank(plan.input_size)
+                    done_count += 1
+                    continue
                 in_flight.add(asyncio.create_task(one(index, image)))
                 while len(in_flight) >= self.window:
                     finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)

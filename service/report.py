@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from models.attributes import ATTRIBUTE_SLICES, GEOMETRY_FIELDS
-from models.reliability import level, reliability
+from models.reliability import DEFAULT_LEVELS, level, reliability
 from service.schema import Reliability, SliceReliability
 
 AREA = ATTRIBUTE_SLICES["area"].start
@@ -38,6 +38,24 @@ class SliceOutputs:
     geometry_valid: np.ndarray  # [14] bool
     view_agreement: float
     empty_gate: float
+    concept_embedding: np.ndarray | None = None  # [text_dim], unit length; None from graphs exported before it
+    blank: bool = False  # the content gate answered for the model: nothing to segment, the engine never ran
+
+    @classmethod
+    def for_blank(cls, size: int) -> SliceOutputs:
+        """What a slice without content gets: an empty mask the views agree on."""
+        n = len(GEOMETRY_FIELDS)
+        return cls(
+            prob=np.zeros((size, size), np.float32),
+            view_weights=np.ones(3, np.float32),
+            view_inconsistency=np.zeros(3, np.float32),
+            geometry_pred=np.zeros(n, np.float32),
+            geometry_mask=np.zeros(n, np.float32),
+            geometry_valid=np.zeros(n, bool),
+            view_agreement=1.0,
+            empty_gate=0.0,
+            blank=True,
+        )
 
     @classmethod
     def from_engine(cls, outputs: dict[str, np.ndarray]) -> SliceOutputs:
@@ -50,6 +68,9 @@ class SliceOutputs:
             geometry_valid=np.asarray(outputs["geometry_valid"]).astype(bool),
             view_agreement=float(outputs["view_agreement"]),
             empty_gate=float(outputs["empty_gate"]),
+            concept_embedding=(
+                np.asarray(outputs["concept_embedding"], np.float32) if "concept_embedding" in outputs else None
+            ),
         )
 
 
@@ -105,18 +126,33 @@ def _named(values: np.ndarray, valid: np.ndarray | None = None) -> dict[str, flo
     }
 
 
+def fused_concept(outputs: Sequence[SliceOutputs], areas: Sequence[int]) -> np.ndarray | None:
+    """The volume's concept embedding: the slices' embeddings weighted by mask area (None if there is none)."""
+    rows = [(o.concept_embedding, a) for o, a in zip(outputs, areas, strict=True) if a > 0]
+    rows = [(e, a) for e, a in rows if e is not None]
+    if not rows:
+        return None
+    return np.sum([e * a for e, a in rows], axis=0) / sum(a for _, a in rows)
+
+
 def build_reliability(
-    outputs: Sequence[SliceOutputs], areas: Sequence[int], outliers: np.ndarray, suppress_outliers: bool
+    outputs: Sequence[SliceOutputs],
+    areas: Sequence[int],
+    outliers: np.ndarray,
+    suppress_outliers: bool,
+    levels: Sequence[tuple[float, str]] = DEFAULT_LEVELS,
 ) -> Reliability:
     """The report: per-slice scores and their parts, and one score for the result.
 
     The result's score weighs each slice by its mask area, so a volume is judged by the slices that
     carry the segmentation rather than by hundreds of confidently empty ones; an empty result falls back
-    to the plain mean (how sure the model is that there is nothing).
+    to the plain mean (how sure the model is that there is nothing). Levels come from the card's calibrated
+    bounds. A slice the content gate answered scores 1: there was nothing in it to segment.
     """
     stacked = {
         "view_agreement": np.array([o.view_agreement for o in outputs], dtype=np.float32),
         "view_weights": np.stack([o.view_weights for o in outputs]),
+        "view_inconsistency": np.stack([o.view_inconsistency for o in outputs]),
         "geometry_pred": np.stack([o.geometry_pred for o in outputs]),
         "geometry_mask": np.stack([o.geometry_mask for o in outputs]),
         "geometry_valid": np.stack([o.geometry_valid for o in outputs]),
@@ -124,15 +160,16 @@ def build_reliability(
     parts = reliability(stacked)
     slices = []
     for z, o in enumerate(outputs):
-        score = float(np.clip(parts["score"][z], 0, 1))
+        score = 1.0 if o.blank else float(np.clip(parts["score"][z], 0, 1))
         outlier = bool(outliers[z])
         slices.append(
             SliceReliability(
                 index=z,
                 score=round(score, 5),
-                level=level(score),
-                suppressed=bool(o.empty_gate >= 0.5) or (outlier and suppress_outliers),
+                level=level(score, levels),
+                suppressed=bool(o.empty_gate >= 0.5) or o.blank or (outlier and suppress_outliers),
                 outlier=outlier,
+                blank=o.blank,
                 agreement=round(float(parts["agreement"][z]), 5),
                 consistency=round(float(parts["consistency"][z]), 5),
                 geometry_agreement=round(float(parts["geometry"][z]), 5),
@@ -147,8 +184,9 @@ def build_reliability(
     overall = float((scores * weights).sum() / weights.sum()) if weights.sum() > 0 else float(scores.mean())
     return Reliability(
         score=round(overall, 5),
-        level=level(overall),
+        level=level(overall, levels),
         suppressed=bool(all(s.suppressed for s in slices)),
+        reason="blank_input" if slices and all(o.blank for o in outputs) else None,
         outlier_slices=[int(z) for z in np.flatnonzero(outliers)],
         slices=slices,
     )

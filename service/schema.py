@@ -11,7 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+from models.cards import INTENDED_USE
+from models.concepts import UNKNOWN, code_of
+
+SCHEMA_VERSION = "1.1"
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 Level = Literal["high", "medium", "low"]
@@ -77,8 +80,9 @@ class SliceReliability(_Model):
     index: int
     score: float = Field(ge=0, le=1)
     level: Level
-    suppressed: bool = Field(description="the empty gate or the volume check removed this slice's mask")
-    outlier: bool = Field(False, description="geometry out of line with the neighbouring slices")
+    suppressed: bool = Field(description="the empty gate, the content gate or an opted-in outlier erase emptied it")
+    outlier: bool = Field(False, description="geometry out of line with the neighbouring slices (flagged, kept)")
+    blank: bool = Field(False, description="no content after preprocessing: empty without running the model")
     agreement: float
     consistency: float
     geometry_agreement: float
@@ -90,10 +94,35 @@ class SliceReliability(_Model):
 
 class Reliability(_Model):
     score: float = Field(ge=0, le=1, description="area-weighted mean of the slices' scores (plain mean if empty)")
-    level: Level
+    level: Level = Field(description="the score against the model card's calibrated bounds (what each promises)")
     suppressed: bool = Field(description="the whole result is empty because every slice was gated")
-    outlier_slices: list[int] = Field(default_factory=list)
+    reason: Literal["blank_input"] | None = Field(
+        None, description="why the result is empty without the model's say: blank_input = no content in any slice"
+    )
+    outlier_slices: list[int] = Field(
+        default_factory=list, description="slices out of line with their neighbours; kept unless erasing is opted in"
+    )
     slices: list[SliceReliability]
+
+
+class Code(_Model):
+    """A coded concept (DICOM's code triplet): SNOMED CT from pydicom's dictionary."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+def unknown_concept() -> ConceptInfo:
+    codes = code_of(UNKNOWN)
+    return ConceptInfo(name=UNKNOWN, code=Code(**codes["type"]), category=Code(**codes["category"]), similarity=0.0)
+
+
+class ConceptInfo(_Model):
+    name: str = Field(description="what the model says it segmented; 'no finding' when empty, 'unknown' when unsure")
+    code: Code = Field(description="segmented property type")
+    category: Code = Field(description="segmented property category")
+    similarity: float = Field(description="cosine of the model's concept embedding to the name's (1 for no finding)")
 
 
 class Timings(_Model):
@@ -110,6 +139,11 @@ class SegmentationResult(_Model):
     mask: Mask
     reliability: Reliability
     timings: Timings
+    concept: ConceptInfo = Field(
+        default_factory=lambda: unknown_concept(),
+        description="what the model says it segmented (a result stored before concepts existed reads 'unknown')",
+    )
+    intended_use: str = Field(INTENDED_USE, description="what the model is for, from its card: research use only")
 
 
 class Forwarding(_Model):

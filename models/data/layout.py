@@ -14,7 +14,8 @@ Conventions the rest of the project relies on:
   Nothing is reoriented by the affine, so image and label always agree.
 - Images come back float32 HxWx3 in [0, 1]; 8-bit pictures are kept as they are (their appearance is the
   signal), deeper ones (16-bit PNG, NIfTI) have no fixed display range and are scaled per plane by the
-  0.5/99.5 percentiles, or by the dataset's window when it gives one (CT).
+  0.5/99.5 percentiles, or by the dataset's window when it gives one, else the recipe's CT window for CT
+  (models/recipe.py: the one recipe training, evaluation and the service share).
 - Masks come back uint8 HxW in {0, 1}; files may hold {0, 1} or {0, 255}, anything else is refused
   rather than guessed.
 """
@@ -33,6 +34,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+from models import recipe as recipes
 
 __all__ = [
     "PICTURE_ENDINGS",
@@ -58,7 +61,7 @@ JUNK_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
 MASK_SUFFIX = "_mask"
 
 SPLITS = ("train", "zero-shot")
-TEXT_KEYS = ("name", "task", "modality", "target", "organ", "description")
+TEXT_KEYS = ("name", "task", "modality", "target", "organ", "concept", "description")
 # Informational keys: kept in DatasetInfo.extra, never interpreted here.
 EXTRA_KEYS = ("source", "license", "reference", "slice_ranges", "notes")
 C2P_KEYS = (*TEXT_KEYS, "split", "rgb", "groups", "slice_axis", "window", "channels", "test_cases", *EXTRA_KEYS)
@@ -105,6 +108,11 @@ class DatasetInfo:
     slice_axis: int = -1
     window: tuple[float, float] | None = None  # (center, width), applied to NIfTI and deep pictures
     extra: dict[str, Any] = field(default_factory=dict)
+    concept: str = ""  # what a model trained on it says it segmented; "<target> on <modality>" when not given
+
+    @property
+    def concept_name(self) -> str:
+        return self.concept or f"{self.target} on {self.modality}"
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,7 @@ def _build_info(root: Path, layout: str, meta: Mapping[str, Any], inferred: Mapp
         layout=layout,
         slice_axis=merged["slice_axis"],
         window=merged["window"],
+        concept=merged.get("concept", ""),
         extra={key: merged[key] for key in EXTRA_KEYS if key in merged},
     )
 
@@ -556,17 +565,23 @@ def scale_percentiles(plane: np.ndarray, low: float = 0.5, high: float = 99.5) -
     lo, hi = np.percentile(values, [low, high])
     if hi <= lo:
         return np.zeros(values.shape, np.float32)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return recipes.to_unit(values, recipes.Plan("percentile", percentiles=(float(lo), float(hi))))
 
 
 def apply_window(plane: np.ndarray, center: float, width: float) -> np.ndarray:
     """A CT display window: HU have a fixed meaning, so a fixed window beats per-slice statistics."""
-    values = np.nan_to_num(plane.astype(np.float32))
-    return np.clip((values - (center - width / 2)) / width, 0.0, 1.0).astype(np.float32)
+    return recipes.to_unit(np.nan_to_num(plane.astype(np.float32)), recipes.Plan("window", window=(center, width)))
 
 
 def _scaled(plane: np.ndarray, info: DatasetInfo) -> np.ndarray:
-    return apply_window(plane, *info.window) if info.window else scale_percentiles(plane)
+    """The recipe (models/recipe.py) on one deep plane: a dataset's own window, else the recipe's CT window for CT,
+    else the recipe's percentiles of the plane (a training case is one slice, as a one-slice upload is)."""
+    if info.window:
+        return apply_window(plane, *info.window)
+    recipe = recipes.Recipe()
+    if info.modality == "ct":
+        return apply_window(plane, *recipe.ct_window)
+    return scale_percentiles(plane, *recipe.percentiles)
 
 
 def _picture_pixels(path: Path, mask: bool) -> np.ndarray:

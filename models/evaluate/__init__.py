@@ -79,7 +79,7 @@ def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int) -> 
         images = torch.stack([p[0] for p in pairs]).float() / 255
         masks = torch.stack([p[1] for p in pairs])[:, 0].numpy().astype(bool)
         seg = network.segment(network.normalize(make_views(images)))
-        fused = consensus(seg.fg, seg.geometry)
+        fused = consensus(seg.fg, seg.geometry, seg.concept)
         outputs = {k: v.numpy() for k, v in fused._asdict().items()}
         pred = outputs["prob"][:, 0] >= 0.5
         single = torch.sigmoid(seg.fg[: len(chunk), 0]).numpy() >= 0.5

@@ -13,13 +13,15 @@ from typing import Any
 import torch
 
 from models import consensus
+from models.cards import INTENDED_USE
 from models.geometry import GEOMETRY_FIELDS
+from models.recipe import Recipe
 from models.registry import C2PConfig
 
 CARD_SCHEMA = 1
 
 
-def output_specs(size: int) -> list[dict[str, Any]]:
+def output_specs(size: int, text_dim: int) -> list[dict[str, Any]]:
     shapes = {
         "prob": ["batch", 1, size, size],
         "view_weights": ["batch", consensus.NUM_VIEWS],
@@ -29,6 +31,7 @@ def output_specs(size: int) -> list[dict[str, Any]]:
         "geometry_valid": ["batch", len(GEOMETRY_FIELDS)],
         "view_agreement": ["batch"],
         "empty_gate": ["batch"],
+        "concept_embedding": ["batch", text_dim],
     }
     return [
         {"name": name, "shape": shapes[name], "dtype": "bool" if name == "geometry_valid" else "float32"}
@@ -50,11 +53,12 @@ def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "layout": "NCHW",
             "channels": "RGB",
             "size": size,
-            "scale": "pixels / 255, then (x - mean) / std",
+            "scale": "the recipe's [0, 1] values, then (x - mean) / std",
+            "recipe": weights.get("recipe") or Recipe().to_card(),
             "mean": list(config.mean),
             "std": list(config.std),
         },
-        "outputs": output_specs(size),
+        "outputs": output_specs(size, config.text_dim),
         "geometry_fields": list(GEOMETRY_FIELDS),
         "consensus": {
             "views": list(consensus.VIEWS),
@@ -63,7 +67,12 @@ def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "empty_area": consensus.EMPTY_AREA,
             "empty_mean_prob": consensus.EMPTY_MEAN_PROB,
             "threshold": consensus.THRESHOLD,
+            "weighting": "relative",
         },
         "weights": weights,
+        # What the result says beyond its mask (service/interpret.py): absent blocks get documented fallbacks.
+        "intended_use": weights.get("intended_use") or INTENDED_USE,
+        "concepts": weights.get("concepts"),
+        "reliability": weights.get("reliability"),
         "exported_with": {"torch": torch.__version__, "python": platform.python_version()},
     }

@@ -17,11 +17,11 @@ INPUT_NAME = "image"
 class ServingGraph(nn.Module):
     """image [B, 3, S, S] (normalised) -> ConsensusOutput, with the 3 views run as one batch of 3B."""
 
-    def __init__(self, network: C2P) -> None:
+    def __init__(self, network: C2P, weighting: str = "relative") -> None:
         super().__init__()
         self.network = network
-        self.consensus = Consensus()
+        self.consensus = Consensus(weighting)
 
     def forward(self, image: torch.Tensor) -> ConsensusOutput:
         segmentation = self.network.segment(make_views(image))
-        return self.consensus(segmentation.fg, segmentation.geometry)
+        return self.consensus(segmentation.fg, segmentation.geometry, segmentation.concept)

@@ -20,6 +20,7 @@ class Segmentation(NamedTuple):
     fg: torch.Tensor  # [B, 1, S, S] foreground logits
     bg: torch.Tensor  # [B, 1, S, S] background logits
     geometry: torch.Tensor  # [B, 14] predicted geometry, each in [0, 1]
+    concept: torch.Tensor  # [B, text_dim] the last SEM head (predicted diagnosis): what the model thinks it sees
 
 
 class C2P(nn.Module):
@@ -63,9 +64,11 @@ class C2P(nn.Module):
         return logits, self.geo_heads(geo_tokens), sem_tokens, d2
 
     def segment(self, image: torch.Tensor) -> Segmentation:
-        """Inference path: masks and geometry, no SEM heads (they exist only to shape training)."""
-        logits, geometry, _, _ = self._run(image)
-        return Segmentation(logits[:, :1], logits[:, 1:], geometry)
+        """Inference path: masks, geometry, and the diagnosis SEM head only (the concept readout compares it with
+        the embedded concept names; the other eight SEM heads exist to shape training)."""
+        logits, geometry, sem_tokens, _ = self._run(image)
+        concept = self.sem_heads.heads[-1](sem_tokens[:, -1])
+        return Segmentation(logits[:, :1], logits[:, 1:], geometry, concept)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training path: everything the C2P loss needs, SEM embeddings [B, 9, text_dim] included."""

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from models import recipe as recipes
 from models.data.layout import Case, DatasetInfo, load_case, open_dataset
 from models.geometry import measure
 from models.train.semantics import SentenceEncoder, embed_fields, read_fields, template_fields
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -40,14 +40,11 @@ class TaskData:
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """image HxWx3 float [0, 1], mask HxW {0, 1} -> uint8 [3, S, S] and [1, S, S]. Resized like the reference:
-    straight to S x S (no letterbox), antialiased; the mask by area then thresholded at one half."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    msk = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
-    if img.shape[-2:] != (size, size):
-        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        msk = F.interpolate(msk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (img[0].clamp(0, 1) * 255).round().to(torch.uint8), (msk[0] >= 0.5).to(torch.uint8)
+    """image HxWx3 float [0, 1], mask HxW {0, 1} -> uint8 [3, S, S] and [1, S, S], by the recipe's resize
+    (models/recipe.py), the very function the service resizes with; the mask through it, thresholded at 0.5."""
+    unit = recipes.resize_unit(np.asarray(image, np.float32), size)
+    img = torch.from_numpy(np.rint(unit * 255).astype(np.uint8).transpose(2, 0, 1).copy())
+    return img, torch.from_numpy(recipes.resize_mask(np.asarray(mask), size)[None].copy())
 
 
 def _fingerprint(cases: list[Case], size: int) -> str:
@@ -64,7 +61,7 @@ def _semantic_fields(info: DatasetInfo, case: Case, geometry: np.ndarray, valid:
     given = info.root / "semantics" / f"{case.case_id}.json"
     if given.is_file():
         return read_fields(given)
-    meta = {"modality": info.modality, "target": info.target, "organ": info.organ}
+    meta = {"modality": info.modality, "target": info.target, "organ": info.organ, "concept": info.concept_name}
     return template_fields(meta, geometry, valid)
 
 

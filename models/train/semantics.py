@@ -67,9 +67,17 @@ def _position(geometry: np.ndarray) -> str:
     return f"{vertical} {horizontal}"
 
 
+NO_FINDING = "no finding"
+
+
 def template_fields(meta: dict[str, str], geometry: np.ndarray, valid: np.ndarray) -> dict[str, str]:
-    """Fill the 9 fields from dataset metadata (modality, target, organ) and measured geometry."""
+    """Fill the 9 fields from dataset metadata (modality, target, organ, concept) and measured geometry.
+
+    The last field, ``predicted_diagnosis``, is the concept's own name for every image that has the target and
+    ``NO_FINDING`` for every one without: so the SEM head trained on it separates concepts, and the concept
+    readout at serving time compares its output with these same sentences (models/concepts.py)."""
     modality, target, organ = meta.get("modality", "medical"), meta.get("target", "target"), meta.get("organ", "")
+    concept = meta.get("concept") or f"{target} on {modality}"
     where = f"in the {organ}" if organ else "in the image"
     if not valid[GEOMETRY_FIELDS.index("centroid_x")]:
         absent = f"no {target} is visible {where} on this {modality} image"
@@ -82,7 +90,7 @@ def template_fields(meta: dict[str, str], geometry: np.ndarray, valid: np.ndarra
             "malignancy_risk": "no risk features, nothing to segment",
             "pathological_inference": absent,
             "differential_reasoning": f"normal {modality} appearance without {target}",
-            "predicted_diagnosis": f"no {target}",
+            "predicted_diagnosis": NO_FINDING,
         }
     size, shape = _size_word(_g(geometry, "area")), _shape_word(geometry)
     solidity = _g(geometry, "solidity")
@@ -98,7 +106,7 @@ def template_fields(meta: dict[str, str], geometry: np.ndarray, valid: np.ndarra
         "malignancy_risk": f"{risk} suspicion from shape and margin",
         "pathological_inference": f"findings consistent with a {target} on {modality}",
         "differential_reasoning": f"{shape} {size} {target} rather than normal {organ or 'tissue'}",
-        "predicted_diagnosis": target,
+        "predicted_diagnosis": concept,
     }
 
 

@@ -19,6 +19,7 @@ import torch
 
 from models.checkpoint import read_tensors, save_checkpoint
 from models.data.layout import find_datasets, open_dataset
+from models.recipe import Recipe
 from models.registry import build_c2p, get_config
 from models.train.augment import augment
 from models.train.config import TrainConfig
@@ -149,7 +150,8 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "datasets": [t.info.name for t in self.tasks],
                 "images": {t.info.name: len(t) for t in self.tasks},
-            }
+            },
+            "recipe": Recipe().to_card(),
         }
 
     def save(self, name: str = "last") -> Path:

@@ -28,9 +28,13 @@ Where the reliability goes, and why there:
   (dciodvfy reports its elements as unrecognised, a warning, never an error); the standard alternative, an SR
   measurement report beside the SEG, is a second object to store, forward and keep in step.
 
-The segment is "Tissue" (category and type), labelled with the model's name, AUTOMATIC, with an Algorithm
-Identification (family Artificial Intelligence, name and version of the model, source c2p-serve, the engine and the
-artifact digest as parameters).
+The segment is coded with the concept the model read out (``result.concept``: SNOMED CT category and type from
+pydicom's code dictionary, models/concepts.py) and labelled with its name; only a concept the model cannot name
+("unknown") falls back to the generic "Tissue" category and type, labelled with the model's name. AUTOMATIC, with
+an Algorithm Identification (family Artificial Intelligence, name and version of the model, source c2p-serve, the
+engine and the artifact digest as parameters). SeriesDescription and ContentDescription begin with
+"RESEARCH USE ONLY" and the SegmentDescription carries the card's intended use, so no viewer shows the mask
+without it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import importlib.metadata
 import io
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -49,6 +54,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
@@ -284,8 +290,23 @@ def _position_of(ds: Dataset, frame: int | None) -> list[float] | None:
 # ---------------------------------------------------------------------------------------------- reliability
 
 
+RESEARCH_USE = "RESEARCH USE ONLY"
+
+
 def _summary(result: SegmentationResult) -> str:
     return f"c2p reliability {result.reliability.score:.2f} ({result.reliability.level})"
+
+
+def _coded(code: Any) -> Code:
+    return Code(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _segment_codes(result: SegmentationResult) -> tuple[Code, Code, str]:
+    """(category, type, label): the read-out concept, or the generic tissue code when it has no name."""
+    concept = result.concept
+    if concept.name in ("unknown", "no finding"):
+        return SEGMENT_CATEGORY, SEGMENT_TYPE, result.model.name
+    return _coded(concept.category), _coded(concept.code), concept.name
 
 
 def _clip(text: str, limit: int) -> str:
@@ -295,7 +316,8 @@ def _clip(text: str, limit: int) -> str:
 def _segment_description(result: SegmentationResult, frames: int, depth: int) -> str:
     reliability = result.reliability
     text = (
-        f"{result.model.name} {result.model.version}: {_summary(result)}, the area-weighted mean over slices; "
+        f"{result.intended_use} {result.model.name} {result.model.version}: concept {result.concept.name!r} "
+        f"(similarity {result.concept.similarity:.2f}); {_summary(result)}, the area-weighted mean over slices; "
         f"foreground on {frames} of {depth} slices"
     )
     if reliability.suppressed:
@@ -443,11 +465,12 @@ def dicom_seg(
         source=SOURCE,
         parameters={"engine": model.engine, "digest": model.digest},
     )
+    category, kind, label = _segment_codes(result)
     description = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label=_clip(model.name, _LO),
-        segmented_property_category=SEGMENT_CATEGORY,
-        segmented_property_type=SEGMENT_TYPE,
+        segment_label=_clip(label, _LO),
+        segmented_property_category=category,
+        segmented_property_type=kind,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
@@ -467,9 +490,9 @@ def dicom_seg(
                 manufacturer_model_name=_clip(model.name, _LO),
                 software_versions=_clip(software_version, _LO),
                 device_serial_number=_clip(device_serial_number or model.digest[:16], _LO),
-                content_description=_clip(_summary(result), _LO),
+                content_description=_clip(f"{RESEARCH_USE}; {_summary(result)}", _LO),
                 content_label=CONTENT_LABEL,
-                series_description=_clip(f"{model.name} {_summary(result)}", _LO),
+                series_description=_clip(f"{RESEARCH_USE} {_summary(result)}", _LO),
                 omit_empty_frames=nonempty.size > 0,  # else highdicom logs that it cannot omit them all
                 plane_positions=plane_positions,
             )

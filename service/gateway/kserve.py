@@ -523,6 +523,17 @@ def _outputs_of(result: SegmentationResult) -> dict[str, tuple[str, list[int], n
     }
 
 
+def result_parameters(result: SegmentationResult) -> dict[str, str]:
+    """What the answer says beyond the tensors, as OIP string parameters (REST and gRPC alike)."""
+    concept = result.concept
+    return {
+        "concept": concept.name,
+        "concept_code": f"{concept.code.scheme}:{concept.code.value}",
+        "concept_meaning": concept.code.meaning,
+        "intended_use": result.intended_use,
+    }
+
+
 def build_response(job: Job, inference: _Inference) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length (the extension's header)."""
     result = job.result
@@ -549,6 +560,7 @@ def build_response(job: Job, inference: _Inference) -> tuple[bytes, int | None]:
             "job_id": job.id,
             "reliability_score": result.reliability.score,
             "reliability_level": result.reliability.level,
+            **result_parameters(result),
         },
         "outputs": outputs,
     }

@@ -67,6 +67,7 @@ from service.gateway.kserve import (
     _modality,
     _outputs_of,
     _server_version,
+    result_parameters,
     served_by,
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
@@ -253,6 +254,8 @@ def build_response(job: Job, inference: Inference, request_id: str) -> Any:
     response.parameters["job_id"].string_param = job.id
     response.parameters["reliability_score"].double_param = result.reliability.score
     response.parameters["reliability_level"].string_param = result.reliability.level
+    for key, value in result_parameters(result).items():
+        response.parameters[key].string_param = value
     for name in inference.outputs:
         datatype, shape, value = values[name]
         response.outputs.add(name=name, datatype=datatype, shape=shape)

@@ -234,7 +234,7 @@ def _check_deflate(member: Member, limits: LimitSettings) -> bool:
     start = _meta_end(data[:65536])
     if start is None:
         return False
-    bound = min(limits.max_upload_bytes, limits.max_expansion_ratio * len(data))
+    bound = min(limits.max_upload_bytes, limits.expansion_bound(len(data)))
     if inflated_size(memoryview(data)[start:], bound, member.label) > bound:
         raise ImageTooLarge(
             f"{member.label}: the deflated dataset expands beyond {bound} bytes "

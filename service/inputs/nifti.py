@@ -88,10 +88,10 @@ def _layout(member: Member, limits: LimitSettings) -> _Layout:
     if offset < header.sizeof_hdr:
         raise InvalidImage(f"{what}: the data offset lies inside the header")
     end = offset + x * y * z * dtype.itemsize
-    if member.kind == "nifti-gz" and end > limits.max_expansion_ratio * member.size:
+    if member.kind == "nifti-gz" and end > limits.expansion_bound(member.size):
         raise ImageTooLarge(
             f"{what}: declares {end} bytes from {member.size} compressed, more than the allowed "
-            f"{limits.max_expansion_ratio}:1 expansion"
+            f"{limits.max_expansion_ratio}:1 expansion beyond {limits.expansion_floor_bytes} bytes"
         )
     if member.kind == "nifti" and member.size < end:
         raise InvalidImage(f"{what}: truncated ({member.size} bytes, the header declares {end})")

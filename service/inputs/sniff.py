@@ -200,10 +200,10 @@ def _zip_members(data: bytes, what: str, limits: LimitSettings, counted: int) ->
     declared = sum(i.file_size for i in infos)
     if declared > limits.max_upload_bytes:
         raise PayloadTooLarge(f"{what}: unpacks to {declared} bytes, the limit is {limits.max_upload_bytes}")
-    if declared > limits.max_expansion_ratio * len(data):
+    if declared > limits.expansion_bound(len(data)):
         raise ImageTooLarge(
             f"{what}: unpacks to {declared} bytes from {len(data)}, more than the allowed "
-            f"{limits.max_expansion_ratio}:1 expansion"
+            f"{limits.max_expansion_ratio}:1 expansion beyond {limits.expansion_floor_bytes} bytes"
         )
     members = []
     for number, info in enumerate(infos, 1):

@@ -47,7 +47,8 @@ def test_reliability_score_by_hand() -> None:
     geometry = np.full((1, 14), 0.5, np.float32)
     outputs = {
         "view_agreement": np.array([0.8]),
-        "view_weights": np.array([[1.0, 0.5, 0.6]]),
+        "view_weights": np.array([[1.0, 1.0, 1.0]]),  # fusion weights (relative): not what consistency reads
+        "view_inconsistency": -np.log(np.array([[1.0, 0.5, 0.6]])) / 5,  # exp(-5u) = 1, 0.5, 0.6
         "geometry_pred": geometry,
         "geometry_mask": geometry,
         "geometry_valid": np.ones((1, 14), bool),
@@ -62,7 +63,8 @@ def test_empty_result_is_judged_by_the_predicted_area() -> None:
     geometry[1, 4] = 0.05  # the GEO heads expected 5% of the image: an empty mask is then doubtful
     outputs = {
         "view_agreement": np.array([1.0, 1.0]),
-        "view_weights": np.full((2, 3), 0.01),  # u's centroid term is undefined for empty masks
+        "view_weights": np.full((2, 3), 1.0),
+        "view_inconsistency": np.full((2, 3), 0.9),  # u's centroid term is undefined for empty masks
         "geometry_pred": geometry,
         "geometry_mask": np.zeros((2, 14), np.float32),
         "geometry_valid": np.zeros((2, 14), bool),

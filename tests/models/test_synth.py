@@ -55,7 +55,9 @@ def test_every_task_renders_finite_images_of_the_right_kind(task: str) -> None:
         assert image.dtype == np.uint8 and mask.dtype == np.uint8
         assert image.shape == ((SMALL, SMALL, 3) if spec.rgb else (SMALL, SMALL))
         assert mask.shape == (SMALL, SMALL) and set(np.unique(mask)) <= {0, 1}
-        assert image.std() > 5  # not a blank image
+        assert image.std() > 5 or meta.get("negative") == "blank"  # blank only where a blank negative is drawn
+        if case.raw is not None:
+            assert case.units in ("CT", "MR") and np.isfinite(case.raw).all() and case.raw.shape == (SMALL, SMALL)
         assert meta["case"].startswith(f"{task}_ts_") and meta["empty"] == (not mask.any())
 
 
@@ -79,16 +81,34 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_empty_masks_and_varied_target_sizes() -> None:
     areas = np.array([generate_case("dermoscopy_lesion", 0, "train", i, size=48)[1].mean() for i in range(60)])
-    assert (areas == 0).sum() == 6  # 10 % of cases have no target, one in every block of 10
+    assert (areas == 0).sum() == 12  # 20 % of cases have no target, two in every block of 10
     present = areas[areas > 0]
     assert present.min() < 0.05 and present.max() > 0.25  # from small lesions to large ones
 
 
-def test_mri_planes_and_held_out_slices() -> None:
-    for i in range(6):
-        _, _, meta = generate_case("brain_mri_tumour", 0, "train", i, size=SMALL)
-        assert meta["plane"] == "axial" and synth_mri.TRAIN_AXIAL[0] <= meta["slice_index"] < synth_mri.TRAIN_AXIAL[1]
-        assert re.fullmatch(r"brain_mri_tumour_tr_\d{4}", meta["case"])
+def _in(index: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(a <= index < b for a, b in ranges)
+
+
+@pytest.mark.parametrize("task", ["brain_mri_tumour", "mr_brain_lesion"])
+def test_mri_trains_on_every_plane_and_tests_on_held_out_slabs(task: str) -> None:
+    seen = set()
+    for i in range(9):
+        _, _, meta = generate_case(task, 0, "train", i, size=SMALL)
+        seen.add(meta["plane"])
+        assert _in(meta["slice_index"], synth_mri.MNI_TRAIN[meta["plane"]])
+        assert re.fullmatch(rf"{task}_tr_\d{{4}}", meta["case"])
+    assert seen == {"axial", "coronal", "sagittal"}
+    for i in range(9):
+        _, _, meta = generate_case(task, 0, "test", i, size=SMALL)
+        assert _in(meta["slice_index"], synth_mri.MNI_HELD_OUT[meta["plane"]])
+        assert not _in(meta["slice_index"], synth_mri.MNI_TRAIN[meta["plane"]])
+    for plane, held in synth_mri.MNI_HELD_OUT.items():  # a gap of at least 3 slices between the two
+        for a, b in held:
+            assert not any(_in(k, synth_mri.MNI_TRAIN[plane]) for k in range(a - 3, b + 3))
+
+
+def test_brain_tumour_test_cases_name_their_plane() -> None:
     planes = {}
     for i in range(6):
         _, _, meta = generate_case("brain_mri_tumour", 0, "test", i, size=SMALL)
@@ -96,8 +116,6 @@ def test_mri_planes_and_held_out_slices() -> None:
         assert meta["case"] == case_id("brain_mri_tumour", "test", i, meta["plane"])
         assert f"_ts_{meta['plane']}_{i:04d}" in meta["case"]
     assert set(planes) == {"axial", "coronal", "sagittal"}
-    for meta in planes["axial"]:  # held-out axial slices lie outside the training slab
-        assert not synth_mri.TRAIN_AXIAL[0] <= meta["slice_index"] < synth_mri.TRAIN_AXIAL[1]
 
 
 def test_mni_anatomy_is_packaged_not_downloaded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -172,7 +172,8 @@ def frame_sources(seg: hd.seg.Segmentation) -> list[tuple[str, int | None]]:
 
 def check_reliability_text(seg: hd.seg.Segmentation) -> None:
     assert "c2p reliability 0.83 (high)" in seg.SeriesDescription
-    assert seg.ContentDescription == "c2p reliability 0.83 (high)"
+    assert seg.ContentDescription == "RESEARCH USE ONLY; c2p reliability 0.83 (high)"
+    assert seg.SeriesDescription.startswith("RESEARCH USE ONLY")
     description = seg.SegmentSequence[0].SegmentDescription
     assert "c2p reliability 0.83 (high)" in description and "outlier slices 1" in description
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
@@ -503,3 +504,33 @@ def test_truncated_and_headerless_blobs() -> None:
         decode_headers([good[: len(good) // 2]])  # pydicom reads up to the cut, so what is missing tells
     with pytest.raises(InvalidImage, match="header 1 of 1 is not a readable DICOM Part 10 file"):
         decode_headers([good[132:]])  # a data set without preamble: only force=True would take it
+
+
+def test_the_segment_is_coded_with_the_read_out_concept(tmp_path: Path) -> None:
+    """A SEG's segment says what was segmented, in SNOMED CT from pydicom's dictionary; only an unknown concept
+    falls back to the generic tissue code, labelled with the model's name. Every SEG says research use."""
+    from models.concepts import code_of
+    from service.schema import Code, ConceptInfo
+
+    series = ct_series(2)
+    masks = np.stack([disc(128, 128, (60, 60), 10)] * 2)
+    codes = code_of("lesion on CT")
+    named = make_result(2).model_copy(
+        update={
+            "concept": ConceptInfo(
+                name="lesion on CT", code=Code(**codes["type"]), category=Code(**codes["category"]), similarity=0.8
+            )
+        }
+    )
+    seg = written(tmp_path, dicom_seg(series, masks, [(0, None), (1, None)], named), "named")
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "lesion on CT"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"  # SCT Lesion
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"  # morphologically abnormal
+    assert "RESEARCH USE ONLY" in segment.SegmentDescription and "lesion on CT" in segment.SegmentDescription
+    assert seg.SeriesDescription.startswith("RESEARCH USE ONLY")
+    unknown = written(tmp_path, dicom_seg(series, masks, [(0, None), (1, None)], make_result(2)), "unknown")
+    segment = unknown.SegmentSequence[0]
+    assert segment.SegmentLabel == MODEL.name
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"  # SCT Tissue
+    assert_valid(tmp_path)

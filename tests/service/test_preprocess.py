@@ -8,8 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from models.recipe import Recipe
 from service.inputs import Volume
-from service.preprocess import DEFAULT_CT_WINDOW, PICTURE_WINDOW, plan, slices, to_unit
+from service.preprocess import PICTURE_WINDOW, plan, slices, to_unit
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -20,22 +21,34 @@ def grey(values: list[list[float]] | np.ndarray, **kwargs: object) -> Volume:
     return Volume(pixels=pixels if pixels.ndim == 3 else pixels[None], **kwargs)  # type: ignore[arg-type]
 
 
-def test_ct_uses_the_header_window() -> None:
+def test_ct_uses_the_recipes_window_not_the_headers() -> None:
+    """The model saw one CT window in training; a header's window is a reader's preference and is ignored."""
     volume = grey(
         np.array([[-1000, -160, 0, 40, 240, 1000]], np.int16), format="dicom", modality="CT", window=(40, 400)
     )
-    p = plan(volume, 8)
+    p = plan(volume, 8, Recipe(ct_window=(40.0, 400.0)))
     assert p.method == "ct-window" and p.window == (40, 400) and p.input_size == 8
     # low edge 40 - 200 = -160, width 400: -160 -> 0, 0 -> 0.4, 40 -> 0.5, 240 -> 1 (clipped), 1000 -> 1
     assert to_unit(volume.pixels[0], p) == pytest.approx(np.array([[0, 0, 0.4, 0.5, 1, 1]], np.float32))
     assert to_unit(volume.pixels[0], p).dtype == np.float32
+    default = plan(volume, 8)
+    assert default.window == Recipe().ct_window == (-600.0, 1500.0)
 
 
-def test_ct_without_window_uses_the_documented_default() -> None:
-    volume = grey(np.array([[-160, 40]], np.int16), format="nifti", modality="CT")
+def test_ct_without_window_uses_the_recipe() -> None:
+    volume = grey(np.array([[-1350, -600, 150]], np.int16), format="nifti", modality="CT")
     p = plan(volume, 4)
-    assert p.method == "ct-window" and p.window == DEFAULT_CT_WINDOW == (40.0, 400.0)
-    assert to_unit(volume.pixels[0], p) == pytest.approx(np.array([[0.0, 0.5]]))
+    assert p.method == "ct-window" and p.window == Recipe().ct_window
+    assert to_unit(volume.pixels[0], p) == pytest.approx(np.array([[0.0, 0.5, 1.0]]))
+
+
+def test_eight_bit_grey_of_a_display_modality_is_a_picture_whatever_the_format() -> None:
+    """An 8-bit ultrasound DICOM holds the same display values as its PNG export: same plan, same tensor."""
+    values = np.array([[[0, 51, 255]]], np.uint8)
+    as_dicom = plan(grey(values, format="dicom", modality="US"), 4)
+    as_png = plan(grey(values, format="png", modality="US"), 4)
+    assert as_dicom == as_png and as_dicom.window == PICTURE_WINDOW
+    assert plan(grey(values, format="dicom", modality="MR"), 4).method == "percentile"
 
 
 def test_mr_uses_volume_percentiles_even_with_a_header_window() -> None:

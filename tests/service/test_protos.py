@@ -32,6 +32,8 @@ from service.grpc.convert import (
     unwrap_optional,
 )
 from service.schema import (
+    Code,
+    ConceptInfo,
     ErrorInfo,
     Forwarding,
     InputInfo,
@@ -159,6 +161,7 @@ def full_job() -> Job:
             geometry_agreement=0.7,
             view_weights=(0.5, 0.25, 0.125),
             view_inconsistency=(0.1, 0.2, 0.3),
+            blank=True,
             geometry_predicted={n: 0.1 * (k + 1) for k, n in enumerate(names)},
             geometry_measured={"bbox_xmin": 0.5, "area": 0.0, "perimeter": None},
         )
@@ -181,8 +184,17 @@ def full_job() -> Job:
             size=(96, 128),
             slices=[SliceMask(index=0, counts="PXn0", area=3_000_000_000), SliceMask(index=1, counts="", area=0)],
         ),
-        reliability=Reliability(score=0.5, level="low", suppressed=False, outlier_slices=[1], slices=slices),
+        reliability=Reliability(
+            score=0.5, level="low", suppressed=False, reason="blank_input", outlier_slices=[1], slices=slices
+        ),
         timings=Timings(queue_ms=1.5, decode_ms=2.25, inference_ms=3.125, encode_ms=4.0),
+        concept=ConceptInfo(
+            name="lesion on CT",
+            code=Code(scheme="SCT", value="52988006", meaning="Lesion"),
+            category=Code(scheme="SCT", value="49755003", meaning="Morphologically Abnormal Structure"),
+            similarity=0.75,
+        ),
+        intended_use="RESEARCH USE ONLY (test)",
     )
     return Job(
         id="A" * 22,

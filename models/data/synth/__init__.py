@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from . import ct, dermoscopy, endoscopy, histology, mri, oct, ultrasound, xray
+from models import recipe as recipes
+
+from . import ct, dermoscopy, endoscopy, histology, lesions, mri, oct, ultrasound, xray
 from .common import Case, CaseContext
-from .writer import dataset_json, prepare_dataset_folder, write_case, write_json
+from .writer import dataset_json, prepare_dataset_folder, write_case, write_json, write_raw
 
 __all__ = [
     "GENERATOR",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 GENERATOR = "c2p data synth"
-VERSION = "1.0"
+VERSION = "2.0"
 SPLITS = {"train": 0, "test": 1}
 _SPLIT_ALIASES = {"train": "train", "tr": "train", "test": "test", "ts": "test"}
 _SHORT = {"train": "tr", "test": "ts"}
@@ -63,7 +65,8 @@ class TaskSpec:
     stands_in_for: str
     channel: str  # nnU-Net channel name of grey tasks (US, CT, MRI, OCT, XRAY)
     render: Callable[[CaseContext], Case] = field(repr=False, compare=False)
-    empty_fraction: float = 0.1
+    empty_fraction: float = 0.2
+    concept: str = ""  # what the model says it segmented (the semantic targets name it, serving reads it out)
 
     @property
     def folder(self) -> str:
@@ -93,6 +96,7 @@ _SPECS = [
         "AMD-SD",
         "OCT",
         oct.render,
+        concept="retinal lesion on OCT",
     ),
     TaskSpec(
         "brain_mri_tumour",
@@ -109,6 +113,7 @@ _SPECS = [
         "BTD",
         "MRI",
         mri.render,
+        concept="brain lesion on MR",
     ),
     TaskSpec(
         "histology_glands",
@@ -124,6 +129,7 @@ _SPECS = [
         "EBHI",
         "RGB",
         histology.render,
+        concept="glands in histology",
     ),
     TaskSpec(
         "thyroid_us_nodule",
@@ -140,6 +146,7 @@ _SPECS = [
         "TNUI",
         "US",
         ultrasound.render_thyroid,
+        concept="thyroid nodule on ultrasound",
     ),
     TaskSpec(
         "colonoscopy_polyp",
@@ -155,6 +162,7 @@ _SPECS = [
         "Kvasir-SEG/CVC polyp sets",
         "RGB",
         endoscopy.render,
+        concept="polyp in colonoscopy",
     ),
     TaskSpec(
         "ct_lung_infection",
@@ -170,6 +178,7 @@ _SPECS = [
         "COVID-19 CT lung infection",
         "CT",
         ct.render,
+        concept="lung infection on CT",
     ),
     TaskSpec(
         "breast_us_lesion",
@@ -185,6 +194,7 @@ _SPECS = [
         "BUSI",
         "US",
         ultrasound.render_breast,
+        concept="breast lesion on ultrasound",
     ),
     TaskSpec(
         "dermoscopy_lesion",
@@ -200,6 +210,72 @@ _SPECS = [
         "ISIC 2018",
         "RGB",
         dermoscopy.render,
+        concept="skin lesion in dermoscopy",
+    ),
+    TaskSpec(
+        "mr_brain_lesion",
+        109,
+        "MRBrainLesion",
+        "mri",
+        "brain lesion",
+        "brain",
+        False,
+        "train",
+        "Domain-randomised: a random target (any size from 0.05 % to 40 %, eight shape families, bright, dark or "
+        "iso-intense with a rim, random edge and texture) in the brain of the MNI152 T1, all three planes; MR "
+        "acquisition (bias field, gamma, ghosting, Rician noise). One case in five has no target.",
+        "brain lesions of any kind",
+        "MRI",
+        lesions.render_mr,
+        concept="brain lesion on MR",
+    ),
+    TaskSpec(
+        "ct_lesion",
+        110,
+        "CTLesion",
+        "ct",
+        "lesion",
+        "body",
+        False,
+        "train",
+        "Domain-randomised: a random target in soft tissue of pydicom's head and body CTs (random crops) or in a "
+        "rendered chest CT, painted in HU; CT noise and blur. One case in five has no target.",
+        "focal lesions on CT",
+        "CT",
+        lesions.render_ct,
+        concept="lesion on CT",
+    ),
+    TaskSpec(
+        "us_lesion",
+        111,
+        "USLesion",
+        "ultrasound",
+        "lesion",
+        "soft tissue",
+        False,
+        "train",
+        "Domain-randomised: a random target in the tissue of a rendered thyroid or breast scan, with speckle. One "
+        "case in five has no target.",
+        "focal lesions on ultrasound",
+        "US",
+        lesions.render_us,
+        concept="lesion on ultrasound",
+    ),
+    TaskSpec(
+        "colour_lesion",
+        112,
+        "ColourLesion",
+        "histology",
+        "lesion",
+        "tissue",
+        True,
+        "train",
+        "Domain-randomised: a random coloured target on scikit-image's stained section and retina photograph, or a "
+        "rendered skin, colon or gland scene without its own target. One case in five has no target.",
+        "focal findings in colour images",
+        "RGB",
+        lesions.render_colour,
+        concept="lesion in a colour image",
     ),
     TaskSpec(
         "thyroid_us_tn3k",
@@ -215,6 +291,7 @@ _SPECS = [
         "TN3K",
         "US",
         ultrasound.render_thyroid_tn3k,
+        concept="thyroid nodule on ultrasound",
     ),
     TaskSpec(
         "dermoscopy_ph2",
@@ -230,6 +307,7 @@ _SPECS = [
         "PH2",
         "RGB",
         dermoscopy.render_ph2,
+        concept="skin lesion in dermoscopy",
     ),
     TaskSpec(
         "xray_lungs",
@@ -246,6 +324,7 @@ _SPECS = [
         "XRAY",
         xray.render,
         0.0,
+        concept="lung fields on chest X-ray",
     ),
 ]
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
@@ -279,11 +358,21 @@ def _has_target(seed: int, spec: TaskSpec, split: str, index: int) -> bool:
 
 
 def _render(task: str, seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    image, mask, meta, _ = _render_with_raw(task, seed, split, index, size)
+    return image, mask, meta
+
+
+def _render_with_raw(
+    task: str, seed: int, split: str, index: int, size: int
+) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
     spec = TASKS[task]
     rng = np.random.default_rng([int(seed), spec.dataset_id, SPLITS[split], int(index)])
     rng.random()  # reserved draw (keeps every renderer's stream where it was)
     has_target = _has_target(seed, spec, split, index)
     case = spec.render(CaseContext(rng=rng, size=int(size), has_target=has_target, split=split, index=int(index)))
+    if case.raw is not None:  # CT / MR in scanner units: displayed by the recipe, as the service displays a scan
+        raw = np.nan_to_num(case.raw.astype(np.float32), nan=0.0)
+        case.image = recipes.to_unit(raw, recipes.decide(raw, recipes.Recipe(), modality=case.units))
     img = np.clip(np.nan_to_num(case.image, nan=0.0), 0.0, 1.0)
     image = np.rint(img * 255.0).astype(np.uint8)
     mask = case.mask.astype(np.uint8)
@@ -297,7 +386,9 @@ def _render(task: str, seed: int, split: str, index: int, size: int) -> tuple[np
         "area": round(float(mask.mean()), 5),
     }
     meta.update(case.meta)
-    return image, mask, meta
+    if case.raw is not None:
+        meta["units"] = case.units
+    return image, mask, meta, case.raw
 
 
 def generate_case(task: str, seed: int, split: str, index: int, size: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -315,8 +406,10 @@ def generate_case(task: str, seed: int, split: str, index: int, size: int = 256)
 
 def _write_one(job: tuple[str, int, str, int, int, str]) -> dict:
     task, seed, split, index, size, folder = job
-    image, mask, meta = _render(task, seed, split, index, size)
+    image, mask, meta, raw = _render_with_raw(task, seed, split, index, size)
     write_case(Path(folder), split, meta["case"], image, mask)
+    if raw is not None and split == "test":  # the scan itself, for evaluation through the service's own path
+        write_raw(Path(folder), meta["case"], raw, meta["units"])
     return meta
 
 
@@ -395,6 +488,7 @@ def write_benchmark(
             "modality": spec.modality,
             "target": spec.target,
             "organ": spec.organ,
+            "concept": spec.concept,
             "description": spec.description,
             "split": spec.split,
             "rgb": spec.rgb,

@@ -23,8 +23,14 @@ class CaseContext:
 
 @dataclass
 class Case:
-    """A rendered case: ``image`` float32 in [0, 1] (H x W or H x W x 3) and ``mask`` bool H x W."""
+    """A rendered case: ``image`` float32 in [0, 1] (H x W or H x W x 3) and ``mask`` bool H x W.
+
+    A CT or MR renderer gives ``raw`` instead, in the scanner's own units (HU, MR signal) with ``units`` its
+    modality ("CT", "MR"): the recipe (models/recipe.py) maps it to the image, as the service maps a real scan.
+    """
 
     image: np.ndarray
     mask: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    raw: np.ndarray | None = None
+    units: str | None = None

@@ -6,7 +6,7 @@ sternum and a vertebra (cortex and marrow), a mediastinum with heart, aorta and 
 dependent density gradient. Infection patches are multifocal, peripheral/posterior-biased blobs of
 ground-glass (-700 to -350 HU, vessels still visible through them), crazy paving (ground-glass with a
 reticular pattern) or consolidation (soft-tissue density with air bronchograms), always clipped to the
-lungs. Noise is added in HU and the slice is shown in a lung window (about W1500/L-600).
+lungs. Noise is added in HU; the slice is returned in HU and the recipe's CT window (models/recipe.py) displays it.
 """
 
 from __future__ import annotations
@@ -205,7 +205,6 @@ def render(ctx: CaseContext) -> Case:
     # --- acquisition and display ---------------------------------------------------------------------
     hu = blur(hu, rng.uniform(0.5, 0.9))
     hu = hu + blur(rng.standard_normal(shape).astype(np.float32), 0.7) * np.float32(rng.uniform(15, 45))
-    level_, width_ = rng.uniform(-650, -550), rng.uniform(1350, 1650)
-    img = np.clip((hu - (level_ - width_ / 2)) / width_, 0, 1)
-    meta = {"findings": kinds, "window": [round(float(level_)), round(float(width_))]}
-    return Case(img.astype(np.float32), mask, meta)
+    rng.uniform(-650, -550), rng.uniform(1350, 1650)  # once a jittered display window: draws kept, stream unchanged
+    meta = {"findings": kinds}
+    return Case(np.zeros(shape, np.float32), mask, meta, raw=hu.astype(np.float32), units="CT")

@@ -1,14 +1,14 @@
 """Brain MRI with synthetic tumours (stand-in for BTD) on real anatomy: nilearn's packaged MNI152 T1 template.
 
 Slices come from the 1 mm MNI152 (2009) T1 template with its brain mask and grey/white-matter
-probability maps, all packaged inside nilearn (nothing is downloaded). Training cases are axial slices
-of a central slab; test cases are held-out axial slices outside that slab plus coronal and sagittal
-slices, so a model trained on axial anatomy is also measured on planes it never saw. Each slice gets a
+probability maps, all packaged inside nilearn (nothing is downloaded). Training and test cases come in
+all three planes, from slabs of each plane that are kept apart (``MNI_TRAIN`` and ``MNI_HELD_OUT``). Each slice gets a
 random in-plane similarity transform (zoom, shift, small rotation, flip) and is resampled to
 ``size x size`` with its aspect kept; a synthetic scalp/skull ring is drawn around the brain; a lumpy
 tumour (necrotic T1-hypointense core with an enhancing rim, a homogeneous enhancing extra-axial mass,
 or a non-enhancing hypointense mass) displaces the surrounding tissue and is surrounded by mild
-oedema; then bias field, gamma and Rician noise randomise the contrast.
+oedema; then bias field, gamma and Rician noise randomise the contrast. The slice is returned in
+scanner-like units (``raw``); the recipe's percentiles (models/recipe.py) make the image.
 """
 
 from __future__ import annotations
@@ -25,11 +25,15 @@ from .shapes import blob_field, grid, log_uniform
 from .textures import bias_field, bilinear, smooth_noise
 
 PLANES = ("axial", "coronal", "sagittal")
-# Voxel index ranges of the 197 x 233 x 189 template (brain: x 26-170, y 27-207, z 0-154).
-TRAIN_AXIAL = (62, 112)  # MNI z = -10 .. +39 mm
-TEST_AXIAL = ((34, 56), (118, 140))  # held out, below and above the training slab
-TEST_CORONAL = (55, 185)
-TEST_SAGITTAL = ((38, 92), (104, 160))  # both hemispheres, the midline left out
+# Voxel index ranges of the 197 x 233 x 189 template per plane (brain: x 26-170, y 27-207, z 0-154). Training
+# draws every plane from its slabs; the held-out slabs (tests, and the foreign evaluation generator) sit apart
+# from them with a gap of at least 3 voxels, so no test slice neighbours a training one.
+MNI_TRAIN = {
+    "axial": ((20, 31), (59, 115), (143, 150)),
+    "coronal": ((40, 92), (118, 190)),
+    "sagittal": ((35, 57), (72, 124), (139, 160)),
+}
+MNI_HELD_OUT = {"axial": ((34, 56), (118, 140)), "coronal": ((95, 115),), "sagittal": ((60, 69), (127, 136))}
 
 
 @lru_cache(maxsize=1)
@@ -91,16 +95,8 @@ def render(ctx: CaseContext) -> Case:
     rng, s = ctx.rng, ctx.size
     shape = (s, s)
     anat = load_anatomy()
-    if ctx.split == "train":
-        plane = "axial"
-        index = int(rng.integers(*TRAIN_AXIAL))
-    else:
-        plane = PLANES[ctx.index % 3]
-        index = {
-            "axial": lambda: _pick(rng, TEST_AXIAL),
-            "coronal": lambda: int(rng.integers(*TEST_CORONAL)),
-            "sagittal": lambda: _pick(rng, TEST_SAGITTAL),
-        }[plane]()
+    plane = PLANES[ctx.index % 3]
+    index = _pick(rng, (MNI_TRAIN if ctx.split == "train" else MNI_HELD_OUT)[plane])
     sl = _slice(anat, plane, index)
     rows, cols = sl.shape[1:]
 
@@ -197,6 +193,6 @@ def render(ctx: CaseContext) -> Case:
     sigma = np.float32(rng.uniform(0.01, 0.05))
     n1, n2 = sigma * rng.standard_normal((2, *shape), dtype=np.float32)
     img = np.sqrt((img + n1) ** 2 + n2**2)  # Rician magnitude noise
-    img = np.clip(img / np.float32(rng.uniform(1.0, 1.15)), 0, 1)
+    raw = np.clip(img / np.float32(rng.uniform(1.0, 1.15)), 0, None) * np.float32(1000)  # scanner-like units
     meta = {"plane": plane, "slice_index": index, "tumour": kind}
-    return Case(img.astype(np.float32), mask, meta)
+    return Case(np.zeros(shape, np.float32), mask, meta, raw=raw.astype(np.float32), units="MR")

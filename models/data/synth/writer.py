@@ -8,6 +8,8 @@ Layout, per dataset::
       labelsTr/<case>.png        8-bit, values 0/1
       imagesTs/<case>_0000.png
       labelsTs/<case>.png
+      rawTs/<case>.nii.gz        CT / MR test cases only: the scan in HU (int16) or MR units (float32), one slice,
+                                 stored as the project's reader and nnU-Net index NIfTI (rows along voxel axis 1)
 
 PNGs are written by Pillow without metadata chunks, so equal arrays give byte-identical files.
 """
@@ -30,7 +32,9 @@ __all__ = [
     "prepare_dataset_folder",
     "write_case",
     "write_json",
+    "write_raw",
 ]
+RAW_FOLDER = "rawTs"
 
 SUBFOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 
@@ -56,6 +60,8 @@ def prepare_dataset_folder(folder: Path) -> None:
             if (folder / sub).is_dir():
                 shutil.rmtree(folder / sub)
             (folder / sub).mkdir()
+    if (folder / RAW_FOLDER).is_dir():
+        shutil.rmtree(folder / RAW_FOLDER)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -73,6 +79,19 @@ def write_case(folder: Path, split: str, case: str, image: np.ndarray, mask: np.
         raise ValueError("mask values must be 0 or 1")
     _save_png(image, image_path(folder, split, case))
     _save_png(mask, label_path(folder, split, case))
+
+
+def write_raw(folder: Path, case: str, raw: np.ndarray, units: str | None) -> Path:
+    """One test case's scan before the recipe, so evaluation can send it as a file a hospital would."""
+    import nibabel as nib
+
+    values = np.rint(raw).astype(np.int16) if units == "CT" else raw.astype(np.float32)
+    path = folder / RAW_FOLDER / f"{case}.nii.gz"
+    path.parent.mkdir(exist_ok=True)
+    image = nib.Nifti1Image(np.ascontiguousarray(values.T[..., None]), np.eye(4))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+    return path
 
 
 def dataset_json(
