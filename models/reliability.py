@@ -53,5 +53,8 @@ def levels_from_card(block) -> tuple[tuple[float, str], ...]:
     """The card's calibrated bounds (``reliability.levels``: [{"name", "min_score"}, ...]), else the defaults."""
     if not block or not block.get("levels"):
         return DEFAULT_LEVELS
-    pairs = sorted(((float(e["min_score"]), str(e["name"])) for e in block["levels"]), reverse=True)
+    order = {"high": 0, "medium": 1, "low": 2}  # equal bounds (an empty medium band) keep this order
+    pairs = sorted(
+        ((float(e["min_score"]), str(e["name"])) for e in block["levels"]), key=lambda p: (-p[0], order.get(p[1], 3))
+    )
     return (*pairs[:-1], (0.0, pairs[-1][1]))

@@ -14,6 +14,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from models.cards import INTENDED_USE
 from models.checkpoint import WEIGHTS_DIR, read_card, read_tensors, sha256_file
 from models.export.strip import ship_graph
 
@@ -28,6 +29,7 @@ def ship(
 ) -> Path:
     """Write ``<variant>.safetensors`` and ``<variant>.json`` into ``out_dir``; refuses oversize weights."""
     card = read_card(checkpoint)
+    report = json.loads(Path(evaluation).read_text())
     variant = card["config"]["name"]
     state = {k: v.half() if v.is_floating_point() else v for k, v in read_tensors(checkpoint).items()}
     out = Path(out_dir)
@@ -45,7 +47,11 @@ def ship(
         "train": card.get("train", {}),
         "recipe": card.get("recipe"),
         "provenance": provenance,
-        "evaluation": json.loads(Path(evaluation).read_text()),
+        "evaluation": {k: v for k, v in report.items() if k != "vocabulary"},
+        "intended_use": INTENDED_USE,
+        # what the service reads beyond the mask (service/interpret.py): fitted on calibration data by c2p evaluate
+        "concepts": report.get("vocabulary"),
+        "reliability": report.get("calibration", {}).get("levels"),
     }
     (out / f"{variant}.json").write_text(json.dumps(shipped, indent=2, sort_keys=True) + "\n")
     ship_graph(weights)

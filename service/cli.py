@@ -132,7 +132,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.evaluate import evaluate
 
-    report = evaluate(args.model, args.data, args.json, report_dir=args.report, batch=args.batch)
+    if args.through_service:
+        from service.evaluation import evaluate_through_service
+
+        report = evaluate_through_service(args.model, args.data, args.json, limit=args.limit)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+    report = evaluate(
+        args.model, args.data, args.json, report_dir=args.report, batch=args.batch, calibration=args.calibration
+    )
     print(json.dumps(report["summary"], indent=2))
     return 0
 
@@ -145,6 +153,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         progress=True,
     )  # fmt: skip
     print(json.dumps({"out": str(args.out), "datasets": [p.name for p in paths]}, indent=2))
+    return 0
+
+
+def cmd_data_foreign(args: argparse.Namespace) -> int:
+    from models.evaluate.foreign import write_foreign
+
+    folders = write_foreign(args.out, seed=args.seed, n=args.test, size=args.size)
+    print(json.dumps({"datasets": [str(f) for f in folders]}))
     return 0
 
 
@@ -241,7 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="Dice/IoU per dataset, consensus vs one view, reliability")
     evaluate.add_argument("--model", required=True, help="variant name or checkpoint (.safetensors)")
-    evaluate.add_argument("--data", required=True, help="a dataset folder or a root of several")
+    evaluate.add_argument(
+        "--data", required=True, action="append", help="a dataset folder or a root of several (repeatable)"
+    )
+    evaluate.add_argument(
+        "--calibration", help="data to fit the reliability levels and concept threshold on (never the test split)"
+    )
+    evaluate.add_argument(
+        "--through-service", action="store_true", help="send the test cases as files through the service's path"
+    )
+    evaluate.add_argument("--limit", type=int, help="with --through-service: at most this many cases per dataset")
     evaluate.add_argument("--json", required=True, help="where to write the results")
     evaluate.add_argument("--report", help="folder for report.md, reliability.png and gallery.png")
     evaluate.add_argument("--batch", type=int, default=8)
@@ -274,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=256)
     synth.add_argument("--workers", type=int, default=1)
     synth.set_defaults(func=cmd_data_synth)
+    foreign = kinds.add_parser("foreign", help="evaluation only: another generator's data (never trained on)")
+    foreign.add_argument("--out", type=Path, required=True)
+    foreign.add_argument("--seed", type=int, default=1000)
+    foreign.add_argument("--test", type=int, default=60, help="cases per family")
+    foreign.add_argument("--size", type=int, default=256)
+    foreign.set_defaults(func=cmd_data_foreign)
     mni = kinds.add_parser("mni-wm", help="white matter on the MNI152 T1 (real anatomy, one target)")
     mni.add_argument("--out", type=Path, required=True)
     mni.add_argument("--size", type=int, default=256)

@@ -60,7 +60,7 @@ SIDE_FILE_ENDINGS = (".json", ".txt", ".md", ".csv", ".yaml", ".yml")
 JUNK_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
 MASK_SUFFIX = "_mask"
 
-SPLITS = ("train", "zero-shot")
+SPLITS = ("train", "zero-shot", "foreign", "negative-healthy", "negative-blank")
 TEXT_KEYS = ("name", "task", "modality", "target", "organ", "concept", "description")
 # Informational keys: kept in DatasetInfo.extra, never interpreted here.
 EXTRA_KEYS = ("source", "license", "reference", "slice_ranges", "notes")

@@ -128,3 +128,29 @@ def test_make_views_is_view_major() -> None:
     assert torch.equal(views[:2], image)
     assert torch.equal(views[2:4], image.flip(-1))
     assert torch.equal(views[4:], image.flip(-2))
+
+
+def test_agreeing_views_survive_when_every_view_is_far_from_its_geometry() -> None:
+    """All three u above 4: the reference's exp(-5u) weights underflow in float32 and sum(w p) / (sum(w) + 1e-8)
+    erases a mask all views agree on; weights relative to the best view keep it and fuse the same way."""
+    views = [MASK, MASK.flip(-1), MASK.flip(-2)]
+    far = [predicted(AREA + 2.0, CX, CY), predicted(AREA + 2.1, 1 - CX, CY), predicted(AREA + 2.2, CX, 1 - CY)]
+    fg = torch.stack([logits(v) for v in views]).unsqueeze(1)
+    out = consensus(fg, torch.stack(far))
+    assert out.view_inconsistency[0].min().item() > 4
+    torch.testing.assert_close(out.prob[0, 0], MASK, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.view_weights[0], torch.tensor([1.0, math.exp(-5), math.exp(-10)]), atol=1e-6, rtol=0)
+    reference = consensus(fg, torch.stack(far), weighting="reference")
+    assert reference.prob[0, 0].max().item() < 0.5  # the reference formula wipes it: why it is not the default
+
+
+def test_the_concept_embedding_is_fused_with_the_view_weights_and_unit_length() -> None:
+    views = [MASK, MASK.flip(-1), MASK.flip(-2)]
+    geometries = [predicted(AREA, CX, CY), predicted(AREA, 1 - CX, CY), predicted(AREA, CX, 1 - CY)]
+    fg = torch.stack([logits(v) for v in views]).unsqueeze(1)
+    concept = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])
+    out = consensus(fg, torch.stack(geometries), concept)
+    expected = torch.tensor([6.0, 6.0]) / 3
+    torch.testing.assert_close(out.concept_embedding[0], expected / expected.norm(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="weighting"):
+        consensus(fg, torch.stack(geometries), concept, weighting="nope")

@@ -1,0 +1,63 @@
+"""Levels and the concept threshold keep their promises on the data they were fitted to, and come from it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.concepts import CONCEPT_CODES, NO_FINDING, UNKNOWN, code_of, load_vocabulary, read_out, vocabulary_card
+from models.evaluate.calibration import fit_concept_threshold, fit_levels, kept_promises, level_of
+from models.reliability import level, levels_from_card
+
+
+def calibration_pairs(seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    score = rng.random(400)
+    dice = np.clip(score + shift + rng.normal(0, 0.1, 400), 0, 1)
+    return score, dice
+
+
+def test_levels_keep_their_promises_on_the_calibration_data() -> None:
+    score, dice = calibration_pairs(0)
+    levels = fit_levels(score, dice)
+    named = level_of(score, levels)
+    assert (dice[named == "high"] >= 0.8).mean() >= 0.9
+    assert (dice[named == "low"] < 0.5).mean() >= 0.5
+    kept = kept_promises(*calibration_pairs(1), levels)  # and on other data drawn the same way, about as well
+    # fitted at the edge (exactly 90 %) on 400 images: fresh data drawn the same way lands near it, not on it
+    assert kept["high"]["share_dice_at_least_0.8"] > 0.75 and kept["low"]["share_dice_below_0.5"] > 0.5
+
+
+def test_the_bounds_follow_the_calibration_data_not_constants() -> None:
+    easy = fit_levels(*calibration_pairs(0, shift=0.15))
+    hard = fit_levels(*calibration_pairs(0, shift=-0.15))
+    bound = {e["name"]: e["min_score"] for e in easy["levels"]}, {e["name"]: e["min_score"] for e in hard["levels"]}
+    assert bound[0]["high"] < bound[1]["high"] and bound[0]["medium"] < bound[1]["medium"]
+    card_levels = levels_from_card(easy)
+    assert level(bound[0]["high"], card_levels) == "high" and level(0.0, card_levels) == "low"
+
+
+def test_a_score_that_never_keeps_the_promise_calls_nothing_high() -> None:
+    rng = np.random.default_rng(3)
+    levels = fit_levels(rng.random(200), rng.random(200) * 0.7)  # Dice never reaches 0.8 for 90 %
+    assert level_of(np.array([1.0]), levels)[0] != "high"
+
+
+def test_concept_threshold_and_readout() -> None:
+    rng = np.random.default_rng(0)
+    similarity = rng.random(300)
+    correct = rng.random(300) < similarity  # the more similar, the more often right
+    threshold = fit_concept_threshold(similarity, correct)
+    assert correct[similarity >= threshold].mean() >= 0.9 and 0 < threshold < 1
+    names = ["lesion on CT", "polyp in colonoscopy", NO_FINDING]
+    concepts, stored = load_vocabulary(vocabulary_card(names, np.eye(3, 8), 0.6, "enc"))
+    assert stored == 0.6 and [c.name for c in concepts] == names
+    assert read_out(np.eye(1, 8, 1)[0], concepts, 0.6, empty=False).name == "polyp in colonoscopy"
+    assert read_out(np.ones(8), concepts, 0.6, empty=False).name == UNKNOWN
+    assert read_out(np.eye(1, 8, 2)[0], concepts, 0.6, empty=False).name != NO_FINDING  # a mask is never "nothing"
+
+
+def test_every_listed_concept_has_a_real_snomed_code() -> None:
+    for name in CONCEPT_CODES:
+        codes = code_of(name)
+        assert codes["type"]["scheme"] == "SCT" and codes["type"]["value"].isdigit()
+    assert code_of(UNKNOWN)["type"]["meaning"] == "Tissue"
