@@ -118,6 +118,7 @@ async def _segment_all(
                 summary.append({**entry, "error": error.body()})
                 continue
             reliability = segmentation.result.reliability
+            concept = segmentation.result.concept
             summary.append(
                 {
                     **entry,
@@ -125,6 +126,10 @@ async def _segment_all(
                     "area": sum(s.area for s in segmentation.result.mask.slices),
                     "reliability": reliability.score,
                     "level": reliability.level,
+                    **({"reason": reliability.reason} if reliability.reason else {}),
+                    "concept": concept.name,
+                    "concept_code": f"{concept.code.scheme}:{concept.code.value}",
+                    "intended_use": segmentation.result.intended_use,
                 }
             )
     finally:

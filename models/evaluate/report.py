@@ -29,13 +29,40 @@ def markdown(report: dict[str, Any]) -> str:
     rel = s["reliability"]
     in_domain, in_single = _fmt(s["in_domain_mean_dice"]), _fmt(s["in_domain_mean_dice_single_view"])
     zero, zero_single = _fmt(s["zero_shot_mean_dice"]), _fmt(s["zero_shot_mean_dice_single_view"])
-    rho, auc = _fmt(rel["spearman_score_vs_dice"]), _fmt(rel["auroc_low_score_flags_dice_below_0.5"])
+    foreign, foreign_single = _fmt(s.get("foreign_mean_dice")), _fmt(s.get("foreign_mean_dice_single_view"))
+    rho, auc = _fmt(rel["spearman_score_vs_dice_pooled"]), _fmt(rel["auroc_low_score_flags_dice_below_0.5"])
     lines += [
         "",
         f"- In-domain mean Dice: {in_domain} (single view {in_single})",
         f"- Zero-shot mean Dice: {zero} (single view {zero_single})",
-        f"- Reliability: Spearman(score, Dice) = {rho}, AUROC of a low score for Dice < 0.5 = {auc} "
+        f"- Foreign-generator mean Dice: {foreign} (single view {foreign_single})",
+    ]
+    for split in ("negative_healthy", "negative_blank"):
+        if split in s:
+            entry = s[split]
+            flagged = (
+                f", empty or flagged low {_fmt(entry['empty_or_flagged_low'])}"
+                if "empty_or_flagged_low" in entry
+                else ""
+            )
+            lines.append(f"- {split.replace('_', ' ')}: empty {_fmt(entry['empty'])} of {entry['images']}{flagged}")
+    lines += [
+        f"- Reliability: Spearman(score, Dice) pooled = {rho}, within-dataset median = "
+        f"{_fmt(rel['spearman_within_dataset_median'])}; AUROC of a low score for Dice < 0.5 = {auc} "
         f"({rel['failures']} of {rel['images']} images)",
+    ]
+    for split, figures in report.get("concepts", {}).items():
+        lines.append(f"- Concept readout, {split}: accuracy {_fmt(figures['accuracy'])}, named {_fmt(figures['named'])}"
+                     f" of {figures['images']} images with a target")  # fmt: skip
+    calibration = report.get("calibration")
+    if calibration:
+        bounds = ", ".join(f"{e['name']} >= {e['min_score']}" for e in calibration["levels"]["levels"])
+        lines.append(f"- Levels (fitted on `{calibration['data']}`): {bounds}; concept threshold "
+                     f"{calibration['concept_threshold']}")  # fmt: skip
+        for name, kept in calibration["levels"].get("on_test", {}).items():
+            good, bad = _fmt(kept["share_dice_at_least_0.8"]), _fmt(kept["share_dice_below_0.5"])
+            lines.append(f"  - {name} on the test split: {kept['images']} images, Dice >= 0.8: {good}, < 0.5: {bad}")
+    lines += [
         "",
         "![reliability](reliability.png)",
         "",

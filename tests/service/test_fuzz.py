@@ -30,7 +30,12 @@ from service.inputs import decode, probe
 
 # Small limits: a header that declares more than these must be refused before any buffer of that size exists.
 LIMITS = LimitSettings(
-    max_upload_bytes=8 << 20, max_pixels_per_slice=512 * 512, max_slices=64, max_voxels=4 << 20, max_expansion_ratio=50
+    max_upload_bytes=8 << 20,
+    max_pixels_per_slice=512 * 512,
+    max_slices=64,
+    max_voxels=4 << 20,
+    max_expansion_ratio=50,
+    expansion_floor_bytes=0,
 )
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -35,7 +35,9 @@ from service.errors import (
 )
 from service.inputs import InputHeader, Volume, decode, probe
 
-LIMITS = LimitSettings()
+# The expansion ratio is checked from the first byte here, so bombs of a few MB show the check; the service's
+# default only checks past 64 MiB decoded (a blank image compresses far better than 200:1): the test below.
+LIMITS = LimitSettings(expansion_floor_bytes=0)
 MIB = 1 << 20
 
 
@@ -714,3 +716,12 @@ def declared_png(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_a_blank_image_that_compresses_500_to_1_is_an_input_by_default() -> None:
+    blob = gzip.compress(nib.Nifti1Image(np.zeros((197, 233, 1), np.float32), np.eye(4)).to_bytes())
+    assert len(blob) * 200 < 197 * 233 * 4  # over the ratio, below the floor
+    volume = decode([("zeros.nii.gz", blob)], LimitSettings())
+    assert volume.pixels.shape == (1, 233, 197) and not volume.pixels.any()
+    with pytest.raises(ImageTooLarge):
+        decode([("zeros.nii.gz", blob)], LimitSettings(expansion_floor_bytes=0))

@@ -17,6 +17,7 @@ const el = {
   status: $("status"), currentJob: $("current-job"),
   error: $("error"), errorCode: $("error-code"), errorMessage: $("error-message"),
   report: $("report"), score: $("score"), level: $("level"), suppressedNote: $("suppressed-note"),
+  concept: $("concept"), intendedUse: $("intended-use"),
   model: $("model"), input: $("input"), inputModality: $("input-modality"), outliers: $("outliers"),
   timings: $("timings"),
   downloads: { json: $("download-json"), nifti: $("download-nifti"), "dicom-seg": $("download-dicom-seg") },
@@ -206,6 +207,14 @@ function showReport(job, rows, cols) {
   el.score.textContent = reliability.score.toFixed(3);
   setLevel(el.level, reliability.level);
   el.suppressedNote.hidden = !reliability.suppressed;
+  el.suppressedNote.textContent = reliability.reason === "blank_input"
+    ? "The input has no content: nothing to segment, the model was not asked."
+    : "Every slice was gated: the result is empty.";
+  const concept = job.result.concept;
+  el.concept.textContent = concept
+    ? `${concept.name} (${concept.code.scheme} ${concept.code.value} ${concept.code.meaning}; similarity ${concept.similarity.toFixed(2)})`
+    : "not stated";
+  el.intendedUse.textContent = job.result.intended_use ?? "";
   el.model.textContent = `${model.name} · ${model.version}`;
   const slices = input.shape[0] === 1 ? "1 slice" : `${input.shape[0]} slices`;
   el.input.textContent = `${input.format.toUpperCase()} · ${slices} of ${rows} × ${cols}`;
