@@ -61,3 +61,21 @@ def test_every_listed_concept_has_a_real_snomed_code() -> None:
         codes = code_of(name)
         assert codes["type"]["scheme"] == "SCT" and codes["type"]["value"].isdigit()
     assert code_of(UNKNOWN)["type"]["meaning"] == "Tissue"
+
+
+def test_the_shipped_card_carries_levels_and_threshold_fitted_on_calibration_data() -> None:
+    import json
+
+    from models.data.synth import TASKS
+    from models.files import WEIGHTS_DIR
+
+    card = json.loads((WEIGHTS_DIR / "c2p-femto-192.json").read_text())
+    calibration = card["evaluation"]["calibration"]
+    assert calibration["data"].rstrip("/").endswith("calib")  # c2p data synth --seed 1, not the test split
+    assert card["reliability"] == calibration["levels"] and card["reliability"]["calibration_images"] >= 400
+    assert card["concepts"]["threshold"] == calibration["concept_threshold"]
+    trained = {spec.concept for spec in TASKS.values() if spec.split == "train"}
+    assert {entry["name"] for entry in card["concepts"]["vocabulary"]} == trained | {NO_FINDING}
+    high = calibration["levels"]["on_test"]["high"]
+    assert high["images"] > 0 and high["share_dice_at_least_0.8"] >= 0.9  # the promise, kept on the test split
+    assert card["intended_use"].startswith("RESEARCH USE ONLY")
