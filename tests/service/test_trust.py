@@ -184,3 +184,48 @@ def test_results_through_the_pipeline_carry_concept_and_intended_use(exported: P
     assert result.mask.slices[0].area > 0
     assert result.concept.name == UNKNOWN  # the test export has no vocabulary
     assert result.concept.code.value == "85756007" and result.intended_use.startswith("RESEARCH USE ONLY")
+
+
+def test_blank_inputs_through_c2p_segment_and_the_rest_api(
+    exported: Path, tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The done-when of the trust issue, as a user meets it: c2p segment's summary and the REST JSON of blank and
+    constant slices of any size say blank_input, name no concept, and carry the intended use."""
+    import json
+
+    from service.cli import main
+    from service.config import QueueSettings
+    from tests.service.harness import make_settings, running
+
+    files = {
+        "zeros-512.png": png(np.zeros((512, 512), np.uint8)),
+        "constant-77x301.png": png(np.full((77, 301), 200, np.uint8)),
+        "zeros.nii.gz": nifti_gz(np.zeros((197, 233, 3), np.float32)),
+    }
+    paths = []
+    for name, data in files.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    capsys.readouterr()
+    code = main(["segment", *map(str, paths), "--out", str(tmp_path / "out"), "--model", str(exported), "--quiet"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(summary) == 3
+    for entry in summary:
+        assert entry["area"] == 0 and entry["reason"] == "blank_input" and entry["concept"] == NO_FINDING
+        assert entry["intended_use"].startswith("RESEARCH USE ONLY")
+
+    settings = make_settings(
+        redis_url, QueueSettings(prefix=f"trust{np.random.default_rng().integers(1 << 30)}"), exported
+    )
+
+    async def scenario() -> None:
+        async with running(settings, engine_for(exported)) as (http, _):
+            for name, data in files.items():
+                response = await http.post("/v1/segmentations?wait=30", files={"file": (name, data)})
+                assert response.status_code == 200, response.text
+                result = response.json()["result"]
+                assert result["reliability"]["reason"] == "blank_input", name
+                assert all(s["area"] == 0 for s in result["mask"]["slices"])
+                assert result["concept"]["name"] == NO_FINDING and result["intended_use"] == INTENDED_USE
+
+    asyncio.run(scenario())
