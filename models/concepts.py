@@ -72,9 +72,6 @@ class Readout:
     code: dict[str, str]  # the segmented property type (scheme, value, meaning)
     category: dict[str, str]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "code": self.code, "category": self.category, "similarity": self.similarity}
-
 
 def vocabulary_card(names: Sequence[str], embeddings: np.ndarray, threshold: float, encoder: str) -> dict[str, Any]:
     """What the card stores: names, their embeddings (rounded: 4 decimals are far below what separates them), the

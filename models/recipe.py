@@ -53,6 +53,7 @@ PICTURE_WINDOW = (127.5, 255.0)
 STATISTICAL_MODALITIES = frozenset({"MR", "US", "PT", "NM"})
 # Modalities whose 8-bit grey is still read statistically (MR magnitude scaled to 8 bits keeps no meaning).
 _NOT_DISPLAY = frozenset({"CT", "MR"})
+_DISPLAY_NOTE = "8-bit PNG/JPEG/tensors, and 8-bit grey of every modality except CT and MR"
 # The content gate: a slice whose network-size [0, 1] values have a standard deviation below one display grey
 # level holds nothing to segment (all-zero, constant, or near-constant padding); it gets an empty mask without
 # the model being asked.
@@ -96,9 +97,6 @@ class Recipe:
         if width <= 0 or not 0 <= low < high <= 100:
             raise ValueError(f"recipe numbers out of range: ct window {center, width}, percentiles {low, high}")
         return cls(ct_window=(center, width), percentiles=(low, high))
-
-
-_DISPLAY_NOTE = "8-bit PNG/JPEG/tensors, and 8-bit grey of every modality except CT and MR"
 
 
 @dataclass(frozen=True)
@@ -145,8 +143,7 @@ def decide(
     if hi > lo:
         return Plan("percentile", percentiles=(lo, hi))
     # Mostly one value (a few bright spots on black): the percentiles collapse, the extremes do not.
-    lo, hi = float(values.min()), float(values.max())
-    lo, hi = min(lo, float(pixels.min())), max(hi, float(pixels.max()))
+    lo, hi = float(pixels.min()), float(pixels.max())
     if hi > lo:
         return Plan("minmax", window=((lo + hi) / 2, hi - lo))
     return Plan("minmax")  # constant: every pixel maps to 0

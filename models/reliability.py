@@ -18,7 +18,6 @@ from models.attributes import ATTRIBUTE_SLICES
 WEIGHTS = {"agreement": 0.5, "consistency": 0.3, "geometry": 0.2}
 # Uncalibrated bounds, for a card without a calibration (models/calibration.py fits them on held-out data).
 DEFAULT_LEVELS = ((0.8, "high"), (0.5, "medium"), (0.0, "low"))
-LEVELS = DEFAULT_LEVELS
 
 
 def geometry_gap(predicted: np.ndarray, measured: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from models.data.layout import find_datasets, open_dataset
+from models.files import RAW_FOLDER
 from service.artifacts import ensure_artifact
 from service.batcher import DynamicBatcher
 from service.codecs import rle
@@ -27,7 +28,6 @@ from service.config import EngineSettings, Settings
 from service.engine import load_engine
 from service.pipeline import Pipeline
 
-RAW_FOLDER = "rawTs"
 UNITS = {"ct": "CT", "mri": "MR"}
 
 

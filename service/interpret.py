@@ -31,8 +31,8 @@ class CardReadout:
         """The result's concept: from the slices that carry the mask (area-weighted); 'no finding' if none."""
         empty = not any(a > 0 for a in areas)
         embedding = fused_concept(outputs, areas)
-        if embedding is None:
-            embedding = np.zeros(1, np.float32)
+        if embedding is None:  # nothing to read: an empty mask, or a graph exported without the concept output
+            return to_schema(read_out(np.zeros(1, np.float32), [], self.threshold, empty))
         return to_schema(read_out(embedding, self.concepts, self.threshold, empty))
 
 

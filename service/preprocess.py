@@ -49,19 +49,23 @@ def to_unit(slice_: np.ndarray, plan: Preprocessing) -> np.ndarray:
     return recipes.to_unit(slice_, _recipe_plan(plan))
 
 
+def _units(volume: Volume, plan: Preprocessing) -> Iterator[np.ndarray]:
+    """Each slice mapped to [0, 1] and resized to the network's square, one at a time."""
+    decided = _recipe_plan(plan)
+    for plane in volume.pixels:
+        yield recipes.resize_unit(recipes.to_unit(plane, decided), plan.input_size)
+
+
 def prepared(
     volume: Volume, plan: Preprocessing, mean: Sequence[float], std: Sequence[float]
 ) -> Iterator[np.ndarray | None]:
     """Each slice as the network's float32 [3, S, S] input, or None where the content gate finds it blank
     (models/recipe.py: ``is_blank``); every array yielded is new (a batcher may hold it)."""
-    decided = _recipe_plan(plan)
-    for plane in volume.pixels:
-        unit = recipes.resize_unit(recipes.to_unit(plane, decided), plan.input_size)
+    for unit in _units(volume, plan):
         yield None if recipes.is_blank(unit) else recipes.network_input(unit, mean, std)
 
 
 def slices(volume: Volume, plan: Preprocessing, mean: Sequence[float], std: Sequence[float]) -> Iterator[np.ndarray]:
     """Each slice as the network's float32 [3, S, S] input, blank or not (benchmarks, parity checks)."""
-    decided = _recipe_plan(plan)
-    for plane in volume.pixels:
-        yield recipes.network_input(recipes.resize_unit(recipes.to_unit(plane, decided), plan.input_size), mean, std)
+    for unit in _units(volume, plan):
+        yield recipes.network_input(unit, mean, std)

@@ -192,36 +192,35 @@ def summarise(results: list[DatasetResult], levels: dict[str, Any] | None = None
     return out
 
 
+def _targets(results: list[DatasetResult]):
+    """(dataset result, fused concept embedding) of every image with a target."""
+    for r in results:
+        for embedding, empty_true in zip(r.embedding, r.empty_true, strict=True):
+            if not empty_true:
+                yield r, embedding
+
+
 def concept_figures(results: list[DatasetResult], vocabulary: dict[str, Any]) -> dict[str, Any]:
     """Concept accuracy on images with a target (the readout's nearest name against the dataset's concept)."""
     concepts, threshold = load_vocabulary(vocabulary)
     figures: dict[str, Any] = {}
     for split in ("in-domain", "zero-shot", "foreign"):
-        right = named = total = 0
-        for r in (r for r in results if r.split == split):
-            for embedding, empty_true in zip(r.embedding, r.empty_true, strict=True):
-                if empty_true:
-                    continue
-                readout = read_out(embedding, concepts, threshold, empty=False)
-                total += 1
-                named += readout.name != "unknown"
-                right += readout.name == r.concept
-        if total:
-            figures[split] = {"images": total, "named": named / total, "accuracy": right / total}
+        names = [(read_out(e, concepts, threshold, empty=False).name, r.concept)
+                 for r, e in _targets([r for r in results if r.split == split])]  # fmt: skip
+        if names:
+            figures[split] = {
+                "images": len(names),
+                "named": sum(said != "unknown" for said, _ in names) / len(names),
+                "accuracy": sum(said == truth for said, truth in names) / len(names),
+            }
     return figures
 
 
 def _nearest(results: list[DatasetResult], vocabulary: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(similarity to the nearest name, whether it is the dataset's concept) of every image with a target."""
     concepts, _ = load_vocabulary(vocabulary)
-    sims, right = [], []
-    for r in results:
-        for embedding, empty_true in zip(r.embedding, r.empty_true, strict=True):
-            if not empty_true:
-                readout = read_out(embedding, concepts, -1.0, empty=False)
-                sims.append(readout.similarity)
-                right.append(readout.name == r.concept)
-    return np.asarray(sims), np.asarray(right, bool)
+    readouts = [(read_out(e, concepts, -1.0, empty=False), r.concept) for r, e in _targets(results)]
+    return np.asarray([o.similarity for o, _ in readouts]), np.asarray([o.name == t for o, t in readouts], bool)
 
 
 def build_vocabulary(results: list[DatasetResult], cache_dir: Path) -> dict[str, Any]:

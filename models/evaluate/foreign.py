@@ -24,12 +24,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from models import recipe as recipes
+from models.files import RAW_FOLDER, write_scan
 
 FAMILIES = {
     "foreign_brain_tumour": {"id": 301, "split": "foreign", "modality": "mri", "concept": "brain lesion on MR"},
@@ -181,7 +181,7 @@ def write_foreign(out: str | Path, seed: int = 1000, n: int = 60, size: int = 25
     folders = []
     for family, spec in FAMILIES.items():
         folder = out / f"Dataset{spec['id']:03d}_{''.join(w.title() for w in family.split('_'))}"
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "rawTs"):
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", RAW_FOLDER):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         cases = []
         for index in range(n):
@@ -193,9 +193,7 @@ def write_foreign(out: str | Path, seed: int = 1000, n: int = 60, size: int = 25
             else:
                 unit = recipes.to_unit(raw, recipes.decide(raw, recipes.Recipe(), modality=units))
                 image = np.rint(unit * 255).astype(np.uint8)
-                values = np.rint(raw).astype(np.int16) if units == "CT" else raw
-                scan = nib.Nifti1Image(np.ascontiguousarray(values.T[..., None]), np.eye(4))
-                nib.save(scan, folder / "rawTs" / f"{case}.nii.gz")
+                write_scan(folder / RAW_FOLDER / f"{case}.nii.gz", raw, units)
             Image.fromarray(image).save(folder / "imagesTs" / f"{case}_0000.png")
             Image.fromarray(mask.astype(np.uint8)).save(folder / "labelsTs" / f"{case}.png")
             cases.append({"case": case, "empty": not mask.any(), "units": units, **meta})

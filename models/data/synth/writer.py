@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.files import RAW_FOLDER, write_scan
+
 __all__ = [
     "SUBFOLDERS",
     "dataset_json",
@@ -34,7 +36,6 @@ __all__ = [
     "write_json",
     "write_raw",
 ]
-RAW_FOLDER = "rawTs"
 
 SUBFOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 
@@ -83,15 +84,7 @@ def write_case(folder: Path, split: str, case: str, image: np.ndarray, mask: np.
 
 def write_raw(folder: Path, case: str, raw: np.ndarray, units: str | None) -> Path:
     """One test case's scan before the recipe, so evaluation can send it as a file a hospital would."""
-    import nibabel as nib
-
-    values = np.rint(raw).astype(np.int16) if units == "CT" else raw.astype(np.float32)
-    path = folder / RAW_FOLDER / f"{case}.nii.gz"
-    path.parent.mkdir(exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(values.T[..., None]), np.eye(4))
-    image.header.set_xyzt_units("mm")
-    nib.save(image, path)
-    return path
+    return write_scan(folder / RAW_FOLDER / f"{case}.nii.gz", raw, units)
 
 
 def dataset_json(
