@@ -7,6 +7,10 @@ Three signals, each in [0, 1], that should all be high when a segmentation is ri
   an empty result, where u's centroid term is undefined, how firmly the GEO heads predict no area,
 - geometry: predicted vs measured area and centroid of the final mask agree.
 The score is their weighted mean; evaluation reports how well it ranks real Dice (Spearman, AUROC).
+
+A finding scored below the card's ``abstain_below`` (fitted on calibration data, models/evaluate/calibration.py)
+is not returned: the mask is emptied and the result says why (``low_confidence``). On healthy anatomy a weak
+model still paints something; a finding it cannot back is worse than saying nothing was found.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def reliability(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     geometry = np.exp(-5 * gap)
     score = WEIGHTS["agreement"] * agreement + WEIGHTS["consistency"] * consistency + WEIGHTS["geometry"] * geometry
     return {"score": score, "agreement": agreement, "consistency": consistency, "geometry": geometry}
+
+
+def abstains(score: np.ndarray, has_mask: np.ndarray, bound: float) -> np.ndarray:
+    """[B] bool: findings too weak to return (a mask, scored below the bound); empty answers never abstain."""
+    return np.asarray(has_mask, bool) & (np.asarray(score, float) < bound)
+
+
+def abstain_bound(block) -> float:
+    """The card's ``reliability.abstain_below``; 0 (return every finding) on a card without one."""
+    return float((block or {}).get("abstain_below") or 0.0)
 
 
 def level(score: float, levels=DEFAULT_LEVELS) -> str:

@@ -1,8 +1,8 @@
 """What a result says beyond its mask, read from the model's card: the concept, the calibrated level, the use.
 
 A prompt-free model's result must carry its own meaning. The card (models/export/card.py) brings the concept
-vocabulary with its calibrated threshold, the reliability bounds fitted on calibration data, and the intended
-use; a card written before any of them gets the documented fallbacks (concept ``unknown`` for any mask, the
+vocabulary with its calibrated threshold, the reliability and abstention bounds fitted on calibration data, and
+the intended use; a card written before any of them gets the documented fallbacks (concept ``unknown`` for any mask, the
 uncalibrated bounds, the default intended use), never an invented figure.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from models.cards import INTENDED_USE
 from models.concepts import Readout, load_vocabulary, read_out
-from models.reliability import levels_from_card
+from models.reliability import abstain_bound, levels_from_card
 from service.report import SliceOutputs, fused_concept
 from service.schema import Code, ConceptInfo
 
@@ -25,6 +25,7 @@ class CardReadout:
         block = card.get("concepts")
         self.concepts, self.threshold = load_vocabulary(block) if block else ([], 1.0)
         self.levels = levels_from_card(card.get("reliability"))
+        self.abstain_below = abstain_bound(card.get("reliability"))
         self.intended_use = str(card.get("intended_use") or INTENDED_USE)
 
     def concept(self, outputs: Sequence[SliceOutputs], areas: Sequence[int]) -> ConceptInfo:

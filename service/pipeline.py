@@ -26,7 +26,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.inputs import Upload, Volume, decode
 from service.interpret import CardReadout
-from service.report import SliceOutputs, build_reliability, mask_on_grid, volume_outliers
+from service.report import SliceOutputs, abstaining, build_reliability, mask_on_grid, slice_parts, volume_outliers
 from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
 
 Progress = Callable[[int, int], None]  # (slices done, slices in all)
@@ -91,12 +91,14 @@ class Pipeline:
         outliers = volume_outliers(outputs, self.settings.worker.outlier_mads)
         threshold = self.settings.worker.threshold
         suppress = self.settings.worker.suppress_outliers
+        parts = slice_parts(outputs)
+        abstained = abstaining(outputs, parts, self.readout.abstain_below, threshold)
 
         def encode_all() -> list[SliceMask]:
             encoded = []
             for index, out in enumerate(outputs):
                 mask = mask_on_grid(out.prob, height, width, threshold)
-                if outliers[index] and suppress:
+                if (outliers[index] and suppress) or abstained[index]:
                     mask[:] = 0
                 coded = rle.encode(mask)
                 encoded.append(SliceMask(index=index, counts=coded["counts"], area=int(mask.sum())))
@@ -105,7 +107,7 @@ class Pipeline:
         with tracing.span("c2p.encode"):
             encoded = await self._in_thread(encode_all)
         areas = [s.area for s in encoded]
-        report = build_reliability(outputs, areas, outliers, suppress, self.readout.levels)
+        report = build_reliability(outputs, areas, outliers, suppress, self.readout.levels, abstained, parts)
         done = time.perf_counter()
 
         result = SegmentationResult(

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from models.attributes import ATTRIBUTE_SLICES, GEOMETRY_FIELDS
-from models.reliability import DEFAULT_LEVELS, level, reliability
+from models.reliability import DEFAULT_LEVELS, abstains, level, reliability
 from service.schema import Reliability, SliceReliability
 
 AREA = ATTRIBUTE_SLICES["area"].start
@@ -135,20 +135,8 @@ def fused_concept(outputs: Sequence[SliceOutputs], areas: Sequence[int]) -> np.n
     return np.sum([e * a for e, a in rows], axis=0) / sum(a for _, a in rows)
 
 
-def build_reliability(
-    outputs: Sequence[SliceOutputs],
-    areas: Sequence[int],
-    outliers: np.ndarray,
-    suppress_outliers: bool,
-    levels: Sequence[tuple[float, str]] = DEFAULT_LEVELS,
-) -> Reliability:
-    """The report: per-slice scores and their parts, and one score for the result.
-
-    The result's score weighs each slice by its mask area, so a volume is judged by the slices that
-    carry the segmentation rather than by hundreds of confidently empty ones; an empty result falls back
-    to the plain mean (how sure the model is that there is nothing). Levels come from the card's calibrated
-    bounds. A slice the content gate answered scores 1: there was nothing in it to segment.
-    """
+def slice_parts(outputs: Sequence[SliceOutputs]) -> dict[str, np.ndarray]:
+    """Each slice's reliability score and its parts (models/reliability.py); a blank slice scores 1."""
     stacked = {
         "view_agreement": np.array([o.view_agreement for o in outputs], dtype=np.float32),
         "view_weights": np.stack([o.view_weights for o in outputs]),
@@ -158,16 +146,51 @@ def build_reliability(
         "geometry_valid": np.stack([o.geometry_valid for o in outputs]),
     }
     parts = reliability(stacked)
+    blank = np.array([o.blank for o in outputs], dtype=bool)
+    parts["score"] = np.where(blank, 1.0, np.clip(parts["score"], 0, 1))
+    return parts
+
+
+def abstaining(
+    outputs: Sequence[SliceOutputs], parts: dict[str, np.ndarray], bound: float, threshold: float
+) -> np.ndarray:
+    """[Z] bool: slices whose finding (a mask on the model's grid) scored below the card's abstention bound."""
+    has_mask = np.array([bool((o.prob >= threshold).any()) for o in outputs], dtype=bool)
+    return abstains(parts["score"], has_mask, bound)
+
+
+def build_reliability(
+    outputs: Sequence[SliceOutputs],
+    areas: Sequence[int],
+    outliers: np.ndarray,
+    suppress_outliers: bool,
+    levels: Sequence[tuple[float, str]] = DEFAULT_LEVELS,
+    abstained: np.ndarray | None = None,
+    parts: dict[str, np.ndarray] | None = None,
+) -> Reliability:
+    """The report: per-slice scores and their parts, and one score for the result.
+
+    The result's score weighs each slice by its mask area, so a volume is judged by the slices that
+    carry the segmentation rather than by hundreds of confidently empty ones; an empty result falls back
+    to the plain mean (how sure the model is that there is nothing). Levels come from the card's calibrated
+    bounds. A slice the content gate answered scores 1: there was nothing in it to segment. An abstained slice
+    keeps the score of the finding it did not return and reads low, as does a result emptied that way: the empty
+    answer is not one the model vouched for.
+    """
+    parts = slice_parts(outputs) if parts is None else parts
+    abstained = np.zeros(len(outputs), bool) if abstained is None else abstained
     slices = []
     for z, o in enumerate(outputs):
-        score = 1.0 if o.blank else float(np.clip(parts["score"][z], 0, 1))
+        score = float(parts["score"][z])
         outlier = bool(outliers[z])
+        gated = bool(o.empty_gate >= 0.5) or o.blank or bool(abstained[z])
         slices.append(
             SliceReliability(
                 index=z,
                 score=round(score, 5),
-                level=level(score, levels),
-                suppressed=bool(o.empty_gate >= 0.5) or o.blank or (outlier and suppress_outliers),
+                level=levels[-1][1] if abstained[z] else level(score, levels),
+                suppressed=gated or (outlier and suppress_outliers),
+                abstained=bool(abstained[z]),
                 outlier=outlier,
                 blank=o.blank,
                 agreement=round(float(parts["agreement"][z]), 5),
@@ -182,11 +205,20 @@ def build_reliability(
     weights = np.asarray(areas, dtype=np.float64)
     scores = np.array([s.score for s in slices], dtype=np.float64)
     overall = float((scores * weights).sum() / weights.sum()) if weights.sum() > 0 else float(scores.mean())
+    reason = _empty_reason(outputs, areas, abstained)
     return Reliability(
         score=round(overall, 5),
-        level=level(overall, levels),
+        level=levels[-1][1] if reason == "low_confidence" else level(overall, levels),
         suppressed=bool(all(s.suppressed for s in slices)),
-        reason="blank_input" if slices and all(o.blank for o in outputs) else None,
+        reason=reason,
         outlier_slices=[int(z) for z in np.flatnonzero(outliers)],
         slices=slices,
     )
+
+
+def _empty_reason(outputs: Sequence[SliceOutputs], areas: Sequence[int], abstained: np.ndarray) -> str | None:
+    if not outputs or any(a > 0 for a in areas):
+        return None
+    if all(o.blank for o in outputs):
+        return "blank_input"
+    return "low_confidence" if abstained.any() else None

@@ -80,7 +80,10 @@ class SliceReliability(_Model):
     index: int
     score: float = Field(ge=0, le=1)
     level: Level
-    suppressed: bool = Field(description="the empty gate, the content gate or an opted-in outlier erase emptied it")
+    suppressed: bool = Field(
+        description="emptied by the empty gate, the content gate, the abstention bound or an opted-in outlier erase"
+    )
+    abstained: bool = Field(False, description="a finding scored below the card's abstention bound: not returned")
     outlier: bool = Field(False, description="geometry out of line with the neighbouring slices (flagged, kept)")
     blank: bool = Field(False, description="no content after preprocessing: empty without running the model")
     agreement: float
@@ -96,8 +99,10 @@ class Reliability(_Model):
     score: float = Field(ge=0, le=1, description="area-weighted mean of the slices' scores (plain mean if empty)")
     level: Level = Field(description="the score against the model card's calibrated bounds (what each promises)")
     suppressed: bool = Field(description="the whole result is empty because every slice was gated")
-    reason: Literal["blank_input"] | None = Field(
-        None, description="why the result is empty without the model's say: blank_input = no content in any slice"
+    reason: Literal["blank_input", "low_confidence"] | None = Field(
+        None,
+        description="why the result is empty: blank_input = no content in any slice; low_confidence = what the model "
+        "found scored below the card's abstention bound, so nothing is returned (review the image)",
     )
     outlier_slices: list[int] = Field(
         default_factory=list, description="slices out of line with their neighbours; kept unless erasing is opted in"

@@ -25,10 +25,10 @@ from models.checkpoint import resolve
 from models.concepts import NO_FINDING, load_vocabulary, read_out, vocabulary_card
 from models.consensus import consensus, make_views
 from models.data.layout import find_datasets, load_case, open_dataset
-from models.evaluate.calibration import fit_concept_threshold, fit_levels, kept_promises, level_of
+from models.evaluate.calibration import fit_abstention, fit_concept_threshold, fit_levels, kept_promises, level_of
 from models.evaluate.metrics import auroc, dice_iou, spearman
 from models.registry import build_c2p
-from models.reliability import reliability
+from models.reliability import abstains, reliability
 from models.train.data import resize_pair
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class DatasetResult:
     score: np.ndarray
     empty_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     empty_true: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    abstained: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     embedding: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = field(default_factory=list)
@@ -68,6 +69,7 @@ class DatasetResult:
             "dice_single_view": float(self.dice_single.mean()),
             "iou_single_view": float(self.iou_single.mean()),
             "empty_predicted": float(self.empty_pred.mean()) if len(self.empty_pred) else None,
+            "abstained": float(self.abstained.mean()) if len(self.abstained) else 0.0,
             "spearman_score_vs_dice": spearman(self.score, self.dice),
         }
         index = {case: i for i, case in enumerate(self.case_ids)}
@@ -137,6 +139,20 @@ def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int) -> 
     return result
 
 
+def apply_abstention(result: DatasetResult, bound: float) -> None:
+    """What the service returns for findings scored below the card's bound (models/reliability.py): an empty mask,
+    so Dice 1 where nothing was there and 0 where something was, in both the fused and the single-view figures."""
+    dropped = abstains(result.score, ~result.empty_pred, bound)
+    answer = result.empty_true.astype(float)
+    for values in (result.dice, result.iou, result.dice_single, result.iou_single):
+        values[dropped] = answer[dropped]
+    result.empty_pred = result.empty_pred | dropped
+    result.abstained = dropped
+    for i, (image, mask, pred, _, score) in enumerate(result.samples):
+        if dropped[i]:
+            result.samples[i] = (image, mask, np.zeros_like(pred), result.dice[i], score)
+
+
 def _mean(results: list[DatasetResult], split: str, key: str) -> float | None:
     values = [r.summary()[key] for r in results if r.split == split]
     return float(np.mean(values)) if values else None
@@ -176,6 +192,11 @@ def summarise(results: list[DatasetResult], levels: dict[str, Any] | None = None
             "auroc_low_score_flags_dice_below_0.5": auroc(-score, dice < FAILURE_DICE),
             "failures": int((dice < FAILURE_DICE).sum()),
         },
+    }
+    out["abstained"] = {
+        split: float(np.concatenate([r.abstained for r in rows]).mean())
+        for split in ("in-domain", "zero-shot", "foreign", *NEGATIVE)
+        if (rows := [r for r in results if r.split == split and len(r.abstained)])
     }
     for split in ("in-domain", "zero-shot", "foreign"):
         a, b = out[f"{split.replace('-', '_')}_mean_dice"], out[f"{split.replace('-', '_')}_mean_dice_single_view"]
@@ -268,9 +289,13 @@ def evaluate(
     extra: dict[str, Any] = {}
     if calibration is not None:
         held = _run_all(network, [calibration], batch, 0)
-        held_dice = np.concatenate([r.dice for r in held if r.split != "negative-blank"])
-        held_score = np.concatenate([r.score for r in held if r.split != "negative-blank"])
-        levels = fit_levels(held_score, held_dice)
+        scored = [r for r in held if r.split != "negative-blank"]
+        bound = fit_abstention(*(np.concatenate(a) for a in zip(
+            *((r.score, r.dice, ~r.empty_pred, r.empty_true) for r in scored), strict=True)))  # fmt: skip
+        for r in held + results:
+            apply_abstention(r, bound)
+        levels = fit_levels(np.concatenate([r.score for r in scored]), np.concatenate([r.dice for r in scored]))
+        levels["abstain_below"] = bound
         vocabulary = build_vocabulary(held + results, Path(cache_dir))
         similarity, right = _nearest([r for r in held if r.split == "in-domain"], vocabulary)
         vocabulary["threshold"] = round(fit_concept_threshold(similarity, right), 4)
@@ -279,9 +304,10 @@ def evaluate(
             np.concatenate([r.score for r in test]), np.concatenate([r.dice for r in test]), levels
         )
         extra = {
-            "calibration": {"data": str(calibration), "levels": levels, "concept_threshold": vocabulary["threshold"]},
+            "calibration": {"data": str(calibration), "levels": levels, "concept_threshold": vocabulary["threshold"],
+                            "abstain_below": bound},
             "concepts": concept_figures(results, vocabulary),
-        }
+        }  # fmt: skip
     report = {
         "model": {"variant": config.name, "weights": str(weights) if weights else "random-init",
                   "step": card.get("train", {}).get("step")},

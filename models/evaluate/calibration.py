@@ -9,6 +9,10 @@ well the test split kept them:
   being the likelier outcome (not merely wherever the share below happens to reach one half);
 - **medium**: the rest.
 
+The abstention bound is the score below which a finding is better not returned: the one that maximises the mean
+Dice of the calibration images when every finding below it becomes an empty answer (Dice 1 where nothing was
+there, 0 where something was). Ties keep the lowest bound (return as much as the data allows).
+
 The concept threshold is the lowest cosine similarity at which at least 90 % of the named calibration images
 are named right; below it the service says "unknown". Pure numpy.
 """
@@ -65,6 +69,20 @@ def _low_bound(score: np.ndarray, dice: np.ndarray) -> float | None:
         if below.sum() >= MIN_IMAGES and (dice[below] < LOW_DICE).mean() >= LOW_SHARE:
             return bound
     return None
+
+
+def fit_abstention(score: np.ndarray, dice: np.ndarray, has_mask: np.ndarray, empty_true: np.ndarray) -> float:
+    """The bound on the score below which findings are dropped (module docstring); 0 keeps every finding."""
+    score, dice = np.asarray(score, float), np.asarray(dice, float)
+    has_mask, empty_true = np.asarray(has_mask, bool), np.asarray(empty_true, bool)
+    best, best_dice = 0.0, float(dice.mean()) if len(dice) else 0.0
+    for bound in np.unique(np.round(score[has_mask], 4)):
+        bound = float(bound) + 1e-4  # drop the findings scored at this value too
+        dropped = has_mask & (score < bound)
+        mean = float(np.where(dropped, empty_true.astype(float), dice).mean())
+        if mean > best_dice + 1e-9:
+            best, best_dice = round(bound, 4), mean
+    return best
 
 
 def level_of(score: np.ndarray, levels: dict[str, Any]) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from models.concepts import CONCEPT_CODES, NO_FINDING, UNKNOWN, code_of, load_vocabulary, read_out, vocabulary_card
-from models.evaluate.calibration import fit_concept_threshold, fit_levels, kept_promises, level_of
-from models.reliability import level, levels_from_card
+from models.evaluate.calibration import fit_abstention, fit_concept_threshold, fit_levels, kept_promises, level_of
+from models.reliability import abstain_bound, abstains, level, levels_from_card
 
 
 def calibration_pairs(seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +40,26 @@ def test_a_score_that_never_keeps_the_promise_calls_nothing_high() -> None:
     rng = np.random.default_rng(3)
     levels = fit_levels(rng.random(200), rng.random(200) * 0.7)  # Dice never reaches 0.8 for 90 %
     assert level_of(np.array([1.0]), levels)[0] != "high"
+
+
+def test_abstention_drops_the_weak_findings_that_cost_more_than_they_bring() -> None:
+    """Healthy images where the model paints a weak false finding (score ~0.3, Dice 0), lesions found well
+    (score ~0.8, Dice ~0.85) and a few found badly (score 0.3-0.4, Dice 0.3): the bound lands just above the
+    false findings, as emptying each gains 1 and each weak true one dropped with them loses only 0.3."""
+    rng = np.random.default_rng(0)
+    healthy = 60
+    score = np.r_[rng.uniform(0.2, 0.38, healthy), rng.uniform(0.65, 0.95, 120), rng.uniform(0.3, 0.4, 20)]
+    dice = np.r_[np.zeros(healthy), rng.uniform(0.75, 0.95, 120), np.full(20, 0.3)]
+    empty_true = np.r_[np.ones(healthy, bool), np.zeros(140, bool)]
+    has_mask = np.ones(200, bool)
+    bound = fit_abstention(score, dice, has_mask, empty_true)
+    assert score[:healthy].max() < bound < 0.4
+    assert abstains(score, has_mask, bound)[:healthy].all() and not abstains(score, has_mask, bound)[60:180].any()
+    # where every finding is worth returning (no false findings), nothing is dropped
+    assert fit_abstention(score[healthy:], dice[healthy:], has_mask[healthy:], empty_true[healthy:]) == 0.0
+    # an empty answer is never an abstention, and a card without a bound keeps every finding
+    assert not abstains(np.array([0.0]), np.array([False]), 0.9).any()
+    assert abstain_bound(None) == 0.0 and abstain_bound({"abstain_below": 0.41}) == 0.41
 
 
 def test_concept_threshold_and_readout() -> None:

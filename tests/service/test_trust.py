@@ -4,6 +4,7 @@ small findings survive the volume check, the concept is read out against the car
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.attributes import ATTRIBUTE_SLICES
 from models.cards import INTENDED_USE
 from models.concepts import NO_FINDING, UNKNOWN, vocabulary_card
 from models.recipe import BLANK_STD
@@ -23,6 +25,8 @@ from service.config import EngineSettings, Settings
 from service.interpret import CardReadout
 from service.pipeline import Pipeline
 from tests.service.harness import engine_for
+
+AREA, CENTROID = ATTRIBUTE_SLICES["area"].start, ATTRIBUTE_SLICES["centroid"]
 
 
 class OracleEngine:
@@ -47,10 +51,9 @@ class OracleEngine:
         valid = np.zeros((b, 14), bool)
         for i in range(b):
             if area[i] > 0:
-                geometry[i, 4] = area[i]
-                geometry[i, 5] = (prob[i] * xx).sum() / prob[i].sum()
-                geometry[i, 6] = (prob[i] * yy).sum() / prob[i].sum()
-                valid[i, 4:7] = True
+                geometry[i, AREA] = area[i]
+                geometry[i, CENTROID] = (prob[i] * xx).sum() / prob[i].sum(), (prob[i] * yy).sum() / prob[i].sum()
+                valid[i, AREA] = valid[i, CENTROID] = True
         embedding = self.embedding if self.embedding is not None else np.eye(1, 384, 0, np.float32)[0]
         return {
             "prob": prob[:, None],
@@ -149,6 +152,33 @@ def test_a_small_finding_on_two_of_twenty_slices_survives_the_default_volume_out
     assert {9, 10} <= set(result.reliability.outlier_slices)  # flagged for a reader to look at, not erased
     erased = run(OracleEngine(engine_for(exported)), [("l.nii.gz", nifti_gz(volume))], "CT", suppress_outliers=True)
     assert all(s.area == 0 for s in erased.result.mask.slices)  # the opt-in still erases what it flags
+
+
+def test_a_finding_below_the_abstention_bound_is_not_returned(exported: Path) -> None:
+    """The card's bound (fitted on calibration data) turns a finding the model cannot back into an empty answer
+    that says why; without a bound, or above it, the same finding is returned."""
+    picture = np.zeros((64, 64), np.uint8)
+    picture[20:40, 20:40] = 250
+
+    class Hesitant(OracleEngine):  # the views disagree: agreement 0.2, the score lands near 0.6
+        def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+            out = super().run(images)
+            out["view_agreement"] = np.full(len(images), 0.2, np.float32)
+            return out
+
+    base = engine_for(exported)
+    returned = run(Hesitant(base), [("square.png", png(picture))]).result
+    score = returned.reliability.slices[0].score
+    assert returned.mask.slices[0].area > 0 and not returned.reliability.slices[0].abstained
+    engine = Hesitant(base)
+    bound = {"abstain_below": round(score + 0.01, 4)}
+    engine.artifact = dataclasses.replace(base.artifact, card={**base.artifact.card, "reliability": bound})
+    dropped = run(engine, [("square.png", png(picture))]).result
+    assert dropped.mask.slices[0].area == 0
+    assert dropped.reliability.reason == "low_confidence" and dropped.reliability.suppressed
+    assert dropped.reliability.slices[0].abstained and dropped.reliability.slices[0].score == score
+    assert dropped.reliability.slices[0].level == "low" and dropped.reliability.level == "low"  # whatever the score
+    assert dropped.concept.name == NO_FINDING and dropped.intended_use == INTENDED_USE
 
 
 def _vocabulary(names: list[str], threshold: float) -> dict[str, Any]:

@@ -222,7 +222,8 @@ _SPECS = [
         False,
         "train",
         "Domain-randomised: a random target (any size from 0.05 % to 40 %, eight shape families, bright, dark or "
-        "iso-intense with a rim, random edge and texture) in the brain of the MNI152 T1, all three planes; MR "
+        "iso-intense with a rim, random edge and texture) in the brain of the MNI152 T1 (all three planes) or of "
+        "pydicom-data's small head MR (one case in five); MR "
         "acquisition (bias field, gamma, ghosting, Rician noise). One case in five has no target.",
         "brain lesions of any kind",
         "MRI",
@@ -507,7 +508,7 @@ def write_benchmark(
         if any("plane" in m for m in test):
             groups: dict[str, list[str]] = {plane: [] for plane in mri.PLANES}
             for m in test:
-                groups.setdefault(m["plane"], []).append(m["case"])
+                groups.setdefault(m.get("plane", "unknown"), []).append(m["case"])
             c2p["groups"] = groups
         folder = folders[name]
         write_json(
