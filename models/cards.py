@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from models.files import WEIGHTS_DIR, sha256_file
-from models.registry import VARIANTS, C2PConfig
+from models.variants import VARIANTS, C2PConfig
 
 # What every model of this project is for, said in every result and DICOM SEG; a card may say more, never less.
 INTENDED_USE = (

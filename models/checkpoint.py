@@ -17,7 +17,7 @@ from torch import nn
 # Re-exported: callers that already need torch keep importing the whole checkpoint API from here.
 from models.cards import card_path, read_card, resolve, shipped_checkpoint
 from models.files import WEIGHTS_DIR, sha256_file
-from models.registry import C2PConfig
+from models.variants import C2PConfig
 
 __all__ = [
     "WEIGHTS_DIR",

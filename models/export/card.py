@@ -16,7 +16,7 @@ from models import consensus
 from models.cards import INTENDED_USE
 from models.geometry import GEOMETRY_FIELDS
 from models.recipe import Recipe
-from models.registry import C2PConfig
+from models.variants import C2PConfig
 
 CARD_SCHEMA = 1
 

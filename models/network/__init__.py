@@ -9,7 +9,7 @@ from models.network.decoder import UNetDecoder
 from models.network.head import DynamicHead, GeoHeads, SemHeads
 from models.network.interaction import Interaction
 from models.network.tokens import ConceptTokens
-from models.registry import C2PConfig
+from models.variants import C2PConfig
 
 __all__ = ["C2P", "Segmentation", "assemble"]
 

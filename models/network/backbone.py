@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.checkpoint import read_tensors
 from models.network._timm import import_timm
 
 
@@ -30,8 +31,6 @@ class Backbone(nn.Module):
         timm's feature wrapper flattens ``stages.0`` to ``stages_0``; the classifier head is dropped.
         Loading is strict otherwise, so a checkpoint of another variant fails loudly.
         """
-        from models.checkpoint import read_tensors
-
         state = read_tensors(path)
         renamed = {}
         for key, value in state.items():

@@ -1,4 +1,4 @@
-"""One way in for every API: check the upload's headers against the limits, then queue it.
+"""One way in for every API: check the modality hint and the upload's headers against the limits, then queue it.
 
 REST, c2p.v1 gRPC, both Open Inference Protocol transports and DICOMweb STOW-RS all refuse the same inputs with the
 same errors and describe their jobs with the same meta, because they all come through here.
@@ -13,9 +13,22 @@ from typing import Any
 
 from service import tracing
 from service.config import LimitSettings
+from service.errors import InvalidRequest
 from service.inputs import Upload, probe
+from service.inputs.probe import normalise_hint
 from service.queue import JobQueue
 from service.schema import Job
+
+# The modality hints a caller may give (DICOM's spelling), for inputs that do not say it themselves.
+MODALITIES = ("CT", "MR", "US", "XR", "DX", "CR", "MG", "OCT", "OP", "ES", "SM", "XC", "RGB")
+
+
+def modality_hint(value: str | None) -> str | None:
+    """A caller's hint in DICOM's spelling; blank means none, anything else must be a known modality."""
+    hint = normalise_hint(value)
+    if hint is not None and hint not in MODALITIES:
+        raise InvalidRequest(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}")
+    return hint
 
 
 async def submit_upload(

@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal
 from service.config import LimitSettings, Settings
+from service.dataplane.submit import submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.gateway.identity import Caller
 from service.gateway.uploads import declared_length
@@ -39,7 +40,6 @@ from service.inputs.sniff import quiet
 from service.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import ErrorInfo
-from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 

@@ -36,56 +36,43 @@ from typing import Any
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from service import presence
 from service.access import Access
 from service.auth import Authenticator
 from service.config import Settings
-from service.errors import (
-    DeadlineExceeded,
-    InvalidRequest,
-    InvalidTensor,
-    JobNotFound,
-    ModelNotFound,
-    PayloadTooLarge,
-    ServiceError,
-    Unavailable,
-    from_code,
-)
-from service.gateway.kserve import (
-    ALIAS,
+from service.dataplane.jobs import failure, wait_or_delete
+from service.dataplane.models import ALIAS, SERVER_NAME, ModelDirectory, is_ready, server_version
+from service.dataplane.oip import (
     DATATYPES,
     INPUT,
     INPUTS_METADATA,
     OUTPUTS,
     OUTPUTS_METADATA,
-    SERVER_NAME,
-    VERSION_DIGITS,
-    WORKERS_TTL_S,
-    Served,
-    _modality,
-    _outputs_of,
-    _server_version,
-    result_parameters,
-    served_by,
+    answer_of,
+    outputs_of,
+)
+from service.dataplane.submit import modality_hint, submit_upload
+from service.errors import (
+    InvalidRequest,
+    InvalidTensor,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceError,
 )
 from service.grpc import inference_pb2, inference_pb2_grpc
-from service.grpc.server import (
+from service.grpc.calls import (
     Registration,
     caller,
     check_response_size,
     error_metadata,
     log_rejected,
-    ready,
     status_code,
     trace_headers,
 )
 from service.inputs import Upload, tensor
 from service.metrics import Metrics
-from service.queue import TERMINAL, JobQueue
+from service.queue import JobQueue
 from service.schema import Job
-from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +191,7 @@ def parse_request(request: Any, settings: Settings) -> Inference:
         raise InvalidRequest(f"{what}: shared memory is not supported; send the data in the request")
     layout = _text(item.parameters, "layout") or _text(request.parameters, "layout")
     layout, _, channels = tensor.check_shape(shape, layout.upper() if layout else None, limits, what)
-    modality = _modality(_text(item.parameters, "modality") or _text(request.parameters, "modality"))
+    modality = modality_hint(_text(item.parameters, "modality") or _text(request.parameters, "modality"))
     outputs = _outputs(request)
 
     dtype = DATATYPES[datatype]
@@ -245,17 +232,15 @@ def _raw(value: np.ndarray | bytes) -> bytes:
 
 
 def build_response(job: Job, inference: Inference, request_id: str) -> Any:
-    result = job.result
-    assert result is not None
-    values = _outputs_of(result)
-    response = inference_pb2.ModelInferResponse(
-        model_name=result.model.name, model_version=result.model.digest[:VERSION_DIGITS], id=request_id
-    )
-    response.parameters["job_id"].string_param = job.id
-    response.parameters["reliability_score"].double_param = result.reliability.score
-    response.parameters["reliability_level"].string_param = result.reliability.level
-    for key, value in result_parameters(result).items():
-        response.parameters[key].string_param = value
+    assert job.result is not None
+    values = outputs_of(job.result)
+    name, version, parameters = answer_of(job)
+    response = inference_pb2.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for key, value in parameters.items():
+        if isinstance(value, float):
+            response.parameters[key].double_param = value
+        else:
+            response.parameters[key].string_param = value
     for name in inference.outputs:
         datatype, shape, value = values[name]
         response.outputs.add(name=name, datatype=datatype, shape=shape)
@@ -280,7 +265,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.access = access
         self.queue = JobQueue(client, settings.queue)
-        self._announced: tuple[float, list[dict[str, Any]]] | None = None
+        self.models = ModelDirectory(client, settings.queue.prefix)
 
     # -- RPCs ------------------------------------------------------------------------------------------
 
@@ -290,19 +275,21 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """REST readiness: Redis answers and a warm worker has announced itself."""
-        return inference_pb2.ServerReadyResponse(ready=await ready(self.queue, self.client, self.settings.queue.prefix))
+        return inference_pb2.ServerReadyResponse(
+            ready=await is_ready(self.queue, self.client, self.settings.queue.prefix)
+        )
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with self._errors(context):
             await caller(context, self.access, API)
-            return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=[])
+            return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """A flag, never NOT_FOUND: Triton answers unknown names and versions ``ready: false``, so clients branch on it
         (``is_model_ready`` would raise otherwise, unlike the HTTP client's). Redis away is still UNAVAILABLE."""
         async with self._errors(context):
             try:
-                served = await self._resolve(request.name, request.version or None)
+                served = await self.models.resolve(request.name, request.version or None)
             except ModelNotFound:
                 return inference_pb2.ModelReadyResponse(ready=False)
             return inference_pb2.ModelReadyResponse(ready=bool(served.versions))
@@ -310,7 +297,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with self._errors(context):
             await caller(context, self.access, API)
-            served = await self._resolve(request.name, request.version or None)
+            served = await self.models.resolve(request.name, request.version or None)
             tensors = inference_pb2.ModelMetadataResponse.TensorMetadata
             return inference_pb2.ModelMetadataResponse(
                 name=served.name,
@@ -325,7 +312,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         async with self._errors(context) as call:
             principal = await caller(context, self.access, API)
             if request.model_name != ALIAS or request.model_version:
-                await self._resolve(request.model_name, request.model_version or None, fresh=False)
+                await self.models.resolve(request.model_name, request.model_version or None, fresh=False)
             inference = await asyncio.to_thread(parse_request, request, self.settings)
             submitted = await submit_upload(
                 self.queue,
@@ -339,9 +326,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             await self.access.record("infer", principal, API, submitted.id)
             inference.upload = ("", b"")  # the queue holds it now: no second copy for the whole wait
             call.job_id = submitted.id
-            job = await self._wait(submitted.id, inference.timeout_s, context)
-            if job.status == "failed" and job.error is not None:
-                raise from_code(job.error.code, job.error.message)
+            job = await wait_or_delete(self.queue, submitted.id, self._wait_s(inference.timeout_s, context))
+            if (err := failure(job)) is not None:
+                raise err
             response = await asyncio.to_thread(build_response, job, inference, request.id)
             check_response_size(
                 response.ByteSize(), self.settings.grpc.max_send_message_bytes, "; or ask for the score and report only"
@@ -370,44 +357,15 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         log_rejected(err, API)
         await context.abort(status_code(err), err.message, trailing_metadata=error_metadata(err, job_id))
 
-    async def _resolve(self, model: str, version: str | None, fresh: bool = True) -> Served:
-        """REST's name rules on the announcements; infer reuses a read this recent rather than scanning per call."""
-        now = time.monotonic()
-        if fresh or self._announced is None or now - self._announced[0] >= WORKERS_TTL_S:
-            try:
-                workers = await presence.ready_workers(self.client, self.settings.queue.prefix)
-            except (RedisError, OSError) as exc:
-                raise Unavailable("redis is not answering") from exc
-            self._announced = (now, workers)
-        return served_by(self._announced[1], model, version)
-
-    async def _wait(self, job_id: str, timeout_s: float | None, context: grpc.aio.ServicerContext) -> Job:
-        """The finished job; one still queued or running when the wait ends, or the call is cancelled, is deleted."""
+    def _wait_s(self, timeout_s: float | None, context: grpc.aio.ServicerContext) -> float:
+        """The first of ``queue.max_wait_s``, the request's ``timeout`` and (a margin before) the call's deadline."""
         wait_s = self.settings.queue.max_wait_s
         if timeout_s is not None:
             wait_s = min(wait_s, timeout_s)
         remaining = context.time_remaining()
         if remaining is not None:
             wait_s = min(wait_s, remaining - DEADLINE_MARGIN_S)
-        job: Job | None = None
-        try:
-            job = await self.queue.wait(job_id, wait_s) if wait_s > 0 else await self.queue.get(job_id)
-        finally:
-            if job is None or job.status not in TERMINAL:
-                await asyncio.shield(self._drop(job_id))
-        if job.status not in TERMINAL:
-            raise DeadlineExceeded(f"no result within {max(wait_s, 0):g} s; the job was deleted")
-        return job
-
-    async def _drop(self, job_id: str) -> None:
-        """Nobody can collect the job later (the protocol has no such call), so a worker should not run it on."""
-        try:
-            await self.queue.delete(job_id)
-            log.info("job %s deleted: its Open Inference Protocol caller stopped waiting", job_id)
-        except JobNotFound:
-            pass  # finished and expired, or deleted already
-        except (ServiceError, RedisError, OSError) as err:  # Redis away: the job expires with its payload
-            log.warning("could not delete abandoned job %s: %s", job_id, err)
+        return wait_s
 
 
 __all__ = ["API", "InferenceService", "build_response", "inference_registration", "parse_request"]

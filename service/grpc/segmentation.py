@@ -21,17 +21,15 @@ import grpc
 from service.access import Access
 from service.auth import Principal
 from service.config import GrpcSettings, Settings
+from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
-from service.gateway.app import MODALITIES
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
+from service.grpc.calls import API, JOB_ID_KEY, abort, caller, check_response_size, service_errors, trace_headers
 from service.grpc.convert import job_to_proto
-from service.grpc.server import API, JOB_ID_KEY, abort, caller, check_response_size, service_errors, trace_headers
 from service.inputs import Upload
-from service.inputs.probe import normalise_hint
 from service.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job
-from service.submit import submit_upload
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         max_wait = self.settings.queue.max_wait_s
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
-        hint = _modality(modality)
+        hint = modality_hint(modality)
         job = await submit_upload(
             self.queue, files, self.settings.limits, hint, tenant=principal.tenant, trace_parent=trace_headers(context)
         )
@@ -212,11 +210,3 @@ def _check_files(files: Sequence[Upload], settings: Settings) -> None:
     total = sum(len(data) for _, data in files)
     if total > limits.max_upload_bytes:
         raise PayloadTooLarge(f"upload of {total} bytes exceeds the limit of {limits.max_upload_bytes} bytes")
-
-
-def _modality(value: str | None) -> str | None:
-    """The REST gateway's rule: blank means none, anything else must be a known modality."""
-    hint = normalise_hint(value)
-    if hint is not None and hint not in MODALITIES:
-        raise InvalidRequest(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}")
-    return hint

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.codecs import rle
 from service.config import LimitSettings, QueueSettings, Settings
-from service.gateway import kserve
+from service.gateway import kserve_request
 from service.gateway.app import create_app
 from service.metrics import Metrics
 from service.worker import Worker
@@ -317,8 +317,8 @@ def _bad_requests() -> Iterator[tuple[str, bytes, dict[str, str], int, str, str]
 def test_bad_tensors_are_refused_before_the_queue(
     redis_url: str, queue_settings: QueueSettings, exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kserve, "JSON_MAX_BYTES", 15_000)
-    monkeypatch.setattr(kserve, "JSON_MAX_VALUES", 64)
+    monkeypatch.setattr(kserve_request, "JSON_MAX_BYTES", 15_000)
+    monkeypatch.setattr(kserve_request, "JSON_MAX_VALUES", 64)
     settings = make_settings(redis_url, queue_settings, exported)
     settings = settings.model_copy(update={"limits": LimitSettings(max_upload_bytes=20_000, max_pixels_per_slice=1000)})
 

@@ -2,11 +2,8 @@
 
 - MR: nilearn's MNI152 T1 with its brain mask, in all three planes. Slabs of each plane are held out for the test
   split (and the foreign evaluation generator), with a gap, so no test slice is a neighbour of a training one.
-- MR: pydicom-data's small head MR (10 slices of 64 x 64; slices 0-6 train, 8-9 test). pydicom's MR_small and
-  pydicom-data's MR2_* (the same shoulder series, MR_small is taken from it) are kept out of training: MR_small is the
-  real MR the overlay panel is drawn on.
-- CT: pydicom's two 512 x 512 test CTs (a head and a body slice) and pydicom-data's neck and pancreas slices, in
-  Hounsfield units. pydicom's CT_small is kept out of training: it is the real CT the service is checked on.
+- CT: pydicom's two 512 x 512 test CTs (a head and a body slice, in Hounsfield units). pydicom's CT_small is kept
+  out of training: it is the real CT the service is checked on.
 - Colour: scikit-image's immunohistochemistry section and retina photograph, cropped at random.
 
 Each function returns values in the source's own units and a "tissue" mask where a target is plausible.
@@ -22,11 +19,9 @@ from PIL import Image
 
 from .mri import MNI_HELD_OUT, MNI_TRAIN, load_anatomy
 
-__all__ = ["MNI_HELD_OUT", "MNI_TRAIN", "colour_photo", "ct_slice", "head_mr_slice", "mni_slice", "resample"]
+__all__ = ["MNI_HELD_OUT", "MNI_TRAIN", "colour_photo", "ct_slice", "mni_slice", "resample"]
 
-CT_FILES = ("693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "bad_sequence.dcm", "explicit_VR-UN.dcm")
-HEAD_MR = "emri_small.dcm"
-HEAD_MR_SLICES = {"train": range(0, 7), "test": range(8, 10)}
+CT_FILES = ("693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm")
 
 
 def _pick(rng: np.random.Generator, ranges: tuple[tuple[int, int], ...]) -> int:
@@ -77,26 +72,18 @@ def mni_slice(
     return out[..., 0] * 1000.0, out[..., 1] > 0.5, {"plane": plane, "slice_index": index}
 
 
-@lru_cache(maxsize=8)
-def _dicom(name: str) -> np.ndarray:
-    """A packaged test file's pixels, rescaled (HU for CT); pydicom-data's files come from its wheel, never the net."""
+@lru_cache(maxsize=4)
+def _ct(name: str) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pydicom
         from pydicom.data import get_testdata_file
 
-        path = get_testdata_file(name, download=False)
-        if path is None:
-            raise FileNotFoundError(f"{name}: install pydicom-data (the train extra) for the DICOM backgrounds")
-        ds = pydicom.dcmread(path)
-        values = ds.pixel_array.astype(np.float32)
-        values = values * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
-    values.setflags(write=False)
-    return values
-
-
-def _ct(name: str) -> np.ndarray:
-    return np.clip(_dicom(name), -1024, 3071)
+        ds = pydicom.dcmread(get_testdata_file(name))
+        hu = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    hu = np.clip(hu, -1024, 3071)
+    hu.setflags(write=False)
+    return hu
 
 
 def ct_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -110,16 +97,6 @@ def ct_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     if tissue.sum() < 0.02 * size * size:
         tissue = body
     return hu, tissue, {"background": name}
-
-
-def head_mr_slice(rng: np.random.Generator, split: str, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A slice of the packaged head MR (its own scanner units) and its head mask, from the split's slices."""
-    from scipy import ndimage
-
-    index = int(rng.choice(HEAD_MR_SLICES["train" if split == "train" else "test"]))
-    image = resample(_dicom(HEAD_MR)[index], size, rng, zoom=(0.9, 1.1))
-    head = ndimage.binary_fill_holes(image > 0.15 * float(np.percentile(image, 99)))
-    return image, head if head.any() else np.ones(image.shape, bool), {"background": HEAD_MR, "slice_index": index}
 
 
 @lru_cache(maxsize=2)

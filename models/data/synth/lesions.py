@@ -36,12 +36,8 @@ def _finish(ctx: CaseContext, image: np.ndarray, tissue: np.ndarray, units: str,
 
 
 def render_mr(ctx: CaseContext) -> Case:
-    """A lesion in the brain on the MNI152 T1 (any plane) or a packaged head MR; negatives are healthy slices, blanks
-    or noise."""
-    if ctx.rng.random() < 0.2:
-        raw, brain, meta = backgrounds.head_mr_slice(ctx.rng, ctx.split, ctx.size)
-    else:
-        raw, brain, meta = backgrounds.mni_slice(ctx.rng, ctx.split, ctx.size)
+    """A lesion in the brain on the MNI152 T1, any plane; negatives are healthy slices, blanks or noise."""
+    raw, brain, meta = backgrounds.mni_slice(ctx.rng, ctx.split, ctx.size)
     raw, mask, meta = _finish(ctx, raw, brain, "mri", meta, 0.0, float(raw.max()))
     return Case(np.zeros(mask.shape, np.float32), mask, meta, raw=np.clip(raw, 0, None), units="MR")
 

@@ -1,0 +1,140 @@
+"""Ending a job: storing its result or its failure, acknowledging its entry and telling waiters, in one step.
+
+Why one module: at-least-once delivery means two workers may finish the same job, and a crash or failover
+between two commands must not leave a stored result with the job still "running", an acknowledged entry without
+a result, or a deleted job resurrected by a late worker. Both endings are therefore one script each, and terminal
+states are final: the first of succeeded/failed wins, later writers are told so.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from service.config import QueueSettings
+from service.errors import DeliveryLimit, ServiceError
+from service.queue.admission import RELEASE_SLOT_LUA
+from service.queue.connection import redis_errors
+from service.queue.keys import DEAD_LETTER_MAXLEN, QueueKeys, now
+from service.queue.leases import Delivery
+from service.queue.stream import ACK_LUA
+
+# KEYS: stream, record, payload, result, tenants. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
+# channel. The result is stored before the entry is acknowledged, in one step.
+_COMPLETE = (
+    ACK_LUA
+    + RELEASE_SLOT_LUA
+    + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  ack(KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'succeeded' or status == 'failed' then
+  ack(KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[4]) then
+  ack(KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'status', 'succeeded', 'updated_at', ARGV[5])
+redis.call('HDEL', KEYS[2], 'consumer')
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('DEL', KEYS[3])
+ack(KEYS[1], ARGV[1], ARGV[2])
+release_slot(KEYS[5], redis.call('HGET', KEYS[2], 'tenant'))
+redis.call('PUBLISH', ARGV[7], 'succeeded')
+return 1
+"""
+)
+
+# KEYS: stream, record, payload, dead, tenants. ARGV: group, entry_id, code, message, now, record_ttl, channel,
+# job_id, deliveries, dead_letter ('1' or '0'), dead_maxlen.
+_FAIL = (
+    ACK_LUA
+    + RELEASE_SLOT_LUA
+    + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  ack(KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status == 'succeeded' or status == 'failed' then
+  ack(KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[5], 'error_code', ARGV[3],
+           'error_message', ARGV[4], 'deliveries', ARGV[9])
+redis.call('HDEL', KEYS[2], 'consumer')
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('DEL', KEYS[3])
+ack(KEYS[1], ARGV[1], ARGV[2])
+release_slot(KEYS[5], redis.call('HGET', KEYS[2], 'tenant'))
+if ARGV[10] == '1' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'job_id', ARGV[8], 'error_code', ARGV[3],
+             'error_message', ARGV[4], 'deliveries', ARGV[9])
+end
+redis.call('PUBLISH', ARGV[7], 'failed')
+return 1
+"""
+)
+
+
+class Endings:
+    def __init__(self, client: aioredis.Redis, settings: QueueSettings, keys: QueueKeys) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._complete = client.register_script(_COMPLETE)
+        self._fail = client.register_script(_FAIL)
+
+    async def complete(self, delivery: Delivery, result_json: str) -> bool:
+        """Store the result, mark the job succeeded, acknowledge, notify: one atomic step.
+
+        False when nothing was stored: a duplicate delivery finished first (its result is kept), the job
+        already failed, or it was deleted.
+        """
+        keys, job_id = self._keys, delivery.job_id
+        stored = await self._complete(
+            keys=[
+                keys.stream,
+                keys.record_key(job_id),
+                keys.payload_key(job_id),
+                keys.result_key(job_id),
+                keys.tenants,
+            ],
+            args=[
+                keys.group,
+                delivery.entry_id,
+                result_json,
+                self._settings.result_ttl_s,
+                now(),
+                keys.record_ttl,
+                keys.channel(job_id),
+            ],
+        )
+        return bool(stored)
+
+    @redis_errors
+    async def fail(self, delivery: Delivery, error: ServiceError) -> None:
+        """Final failure: input errors are not retried. Never overwrites a job that already ended."""
+        await self.finish_failed(delivery, error, dead_letter=isinstance(error, DeliveryLimit))
+
+    async def finish_failed(self, delivery: Delivery, error: ServiceError, dead_letter: bool) -> None:
+        """Fail the job; with ``dead_letter`` a copy of the failure goes to the dead-letter stream too."""
+        keys, job_id = self._keys, delivery.job_id
+        await self._fail(
+            keys=[keys.stream, keys.record_key(job_id), keys.payload_key(job_id), keys.dead, keys.tenants],
+            args=[
+                keys.group,
+                delivery.entry_id,
+                error.code,
+                error.message,
+                now(),
+                keys.record_ttl,
+                keys.channel(job_id),
+                job_id,
+                delivery.deliveries,
+                "1" if dead_letter else "0",
+                DEAD_LETTER_MAXLEN,
+            ],
+        )

@@ -1,0 +1,73 @@
+"""The queue's layout in Redis: which key holds what, for how long, and which job ids may name one.
+
+Why one module: the Lua scripts, the gateway's reads and the worker's writes must agree on every name and
+lifetime, and a job id reaches a key name only after it is checked here. Keys under ``settings.prefix`` (``p``)::
+
+    {p}:jobs          stream of {job_id}; consumer group {p}:workers; an entry lives until its job ends
+    {p}:dead          dead-letter stream (approximate MAXLEN 10000)
+    {p}:job:{id}      record hash: status, created_at, updated_at, deliveries, meta, stream_id, ...
+    {p}:payload:{id}  the packed upload (service.payload), TTL payload_ttl_s, deleted when the job ends
+    {p}:result:{id}   the result JSON, TTL result_ttl_s
+    {p}:outputs:{id}  what the derived formats need beyond the result (service.outputs), packed like a payload,
+                      TTL result_ttl_s, written before the job completes; read by ranges, one member at a time
+    {p}:done:{id}     pub/sub channel told when the job ends (or is deleted)
+    {p}:tenants       hash: tenant -> its jobs queued or running (what the per-tenant quota bounds)
+
+A record lives as long as its upload may wait plus as long as its result is kept (``record_ttl``).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+
+from service.config import QueueSettings
+from service.errors import JobNotFound
+
+# secrets.token_urlsafe(16): 22 characters of the URL-safe base64 alphabet. Anything else is refused
+# before it reaches a key name.
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+DEAD_LETTER_MAXLEN = 10_000
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def check_id(job_id: str) -> None:
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+        raise JobNotFound("job not found (unknown, expired or deleted)")
+
+
+def now() -> str:
+    """The timestamp written into records (created_at, updated_at)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class QueueKeys:
+    """The names under ``settings.prefix`` and the record's lifetime."""
+
+    def __init__(self, settings: QueueSettings) -> None:
+        p = settings.prefix
+        self.stream = f"{p}:jobs"
+        self.group = f"{p}:workers"
+        self.dead = f"{p}:dead"
+        self.tenants = f"{p}:tenants"
+        self._prefix = p
+        self.record_ttl = settings.result_ttl_s + settings.payload_ttl_s
+
+    def record_key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    def payload_key(self, job_id: str) -> str:
+        return f"{self._prefix}:payload:{job_id}"
+
+    def result_key(self, job_id: str) -> str:
+        return f"{self._prefix}:result:{job_id}"
+
+    def outputs_key(self, job_id: str) -> str:
+        return f"{self._prefix}:outputs:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        return f"{self._prefix}:done:{job_id}"
