@@ -97,7 +97,9 @@ class ModelDirectory:
         return served
 
 
-async def ready_workers(queue: JobQueue, client: aioredis.Redis, prefix: str, timeout_s: float | None = None):
+async def ready_workers(
+    queue: JobQueue, client: aioredis.Redis, prefix: str, timeout_s: float | None = None
+) -> list[dict[str, Any]]:
     """The warm workers behind this gateway; Unavailable when Redis does not answer or none has announced itself
     (a gateway without workers would accept jobs that nobody runs). ``timeout_s`` bounds the whole check."""
     if not await queue.ping(2.0 if timeout_s is None else timeout_s):

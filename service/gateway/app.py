@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.access import Access
 from service.auth import Authenticator
 from service.config import Settings
-from service.dataplane.models import ready_workers
+from service.dataplane.models import ModelDirectory, ready_workers
 from service.errors import InvalidRequest, ServiceError, Unavailable
 from service.gateway import dicomweb, kserve, rest, ui
 from service.gateway.identity import caller
@@ -59,6 +59,7 @@ def create_app(
         redis_client = client or connect(settings.redis_url or "redis://127.0.0.1:6379/0")
         app.state.redis = redis_client
         app.state.queue = JobQueue(redis_client, settings.queue)
+        app.state.models = ModelDirectory(redis_client, settings.queue.prefix)
         app.state.access = Access(settings, redis_client, authenticator)
         stopping = asyncio.Event()
         stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics, stopping))

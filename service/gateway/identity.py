@@ -8,15 +8,31 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.auth import Principal
+from service.errors import ServiceError, Unauthenticated
 
 WWW_AUTHENTICATE = 'Bearer realm="c2p-serve"'
 # Route prefixes -> the API name the metrics and the audit log use.
 APIS = (("/v2", "kserve-rest"), ("/dicomweb", "stow-rs"))
 
 
-def api_of(request: Request) -> str:
-    path = request.url.path
+def api_for(path: str) -> str:
     return next((name for prefix, name in APIS if path.startswith(prefix)), "rest")
+
+
+def api_of(request: Request) -> str:
+    return api_for(request.url.path)
+
+
+def error_headers(err: ServiceError) -> dict[str, str]:
+    """What every HTTP error answer carries whatever its body's shape (/v1's or the v2 protocol's): when to retry,
+    and how to authenticate."""
+    headers = {}
+    retry_after = getattr(err, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(err, Unauthenticated):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return headers
 
 
 async def caller(request: Request) -> Principal:

@@ -48,8 +48,8 @@ from service.dataplane.jobs import failure, wait_or_delete
 from service.dataplane.models import ALIAS, SERVER_NAME, ModelDirectory, server_version
 from service.dataplane.oip import INPUTS_METADATA, OUTPUTS_METADATA, PROPERTIES
 from service.dataplane.submit import submit_upload
-from service.errors import DeadlineExceeded, ServiceError, Unauthenticated
-from service.gateway.identity import WWW_AUTHENTICATE, Caller
+from service.errors import DeadlineExceeded, ServiceError
+from service.gateway.identity import Caller, error_headers
 from service.gateway.kserve_openapi import HEADER_LENGTH, INFER_BODY, V2_ERRORS
 from service.gateway.kserve_request import build_response, parse_inference, read_body
 from service.queue import JobQueue
@@ -65,13 +65,9 @@ API = "kserve-rest"
 def v2_error(request: Request, err: ServiceError) -> JSONResponse:
     """The protocol's error body (tritonclient reads ``error``), keeping the service's code beside it."""
     request.app.state.metrics.request_failure.labels(API, err.code).inc()
-    headers = {}
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    if isinstance(err, Unauthenticated):
-        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-    return JSONResponse({"error": err.message, "code": err.code}, status_code=err.http_status, headers=headers)
+    return JSONResponse(
+        {"error": err.message, "code": err.code}, status_code=err.http_status, headers=error_headers(err)
+    )
 
 
 class V2Route(APIRoute):
@@ -99,12 +95,7 @@ router = APIRouter(route_class=V2Route, tags=["Open Inference Protocol (KServe v
 
 
 def _models(request: Request) -> ModelDirectory:
-    """The gateway's model directory, made on first use (it caches the workers' announcements)."""
-    state = request.app.state
-    directory = getattr(state, "models", None)
-    if directory is None or directory.client is not state.redis:
-        directory = state.models = ModelDirectory(state.redis, state.settings.queue.prefix)
-    return directory
+    return request.app.state.models  # made with the gateway's Redis client (app.py's lifespan)
 
 
 @router.get("/v2", summary="Server metadata")

@@ -12,10 +12,9 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.gateway.identity import APIS
+from service.gateway.identity import api_for
 
 access_log = logging.getLogger("c2p.access")
-DEFAULT_API = "rest"
 
 # A 4xx answer's body is read this far for its error code (error bodies are a few hundred bytes).
 ERROR_BODY_PEEK = 4096
@@ -69,7 +68,7 @@ def log_rejected(scope: Scope, status: int, body: bytes) -> None:
     path = scope.get("path", "")
     entry: dict[str, str | int] = {
         "event": "rejected",
-        "api": next((name for prefix, name in APIS if path.startswith(prefix)), DEFAULT_API),
+        "api": api_for(path),
         "status": status,
         "code": str(code),
         "method": str(scope.get("method", "")),

@@ -18,8 +18,8 @@ from service.access import Access
 from service.config import Settings
 from service.dataplane.jobs import failure
 from service.dataplane.submit import modality_hint, submit_upload
-from service.errors import InvalidRequest, ResultNotReady, ServiceError, Unauthenticated
-from service.gateway.identity import WWW_AUTHENTICATE, Caller
+from service.errors import InvalidRequest, ResultNotReady, ServiceError
+from service.gateway.identity import Caller, error_headers
 from service.gateway.uploads import read_files
 from service.queue import JobQueue
 from service.schema import ErrorInfo, Job
@@ -45,13 +45,7 @@ def error_response(err: ServiceError, job_id: str | None = None) -> JSONResponse
     body: dict[str, Any] = err.body()
     if job_id is not None:
         body["job_id"] = job_id
-    headers = {}
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    if isinstance(err, Unauthenticated):
-        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-    return JSONResponse(body, status_code=err.http_status, headers=headers)
+    return JSONResponse(body, status_code=err.http_status, headers=error_headers(err))
 
 
 router = APIRouter()

@@ -18,9 +18,9 @@ from service.queue.keys import DEAD_LETTER_MAXLEN, QueueKeys, now
 from service.queue.leases import Delivery
 from service.queue.stream import ACK_LUA
 
-# KEYS: stream, record, payload, result, tenants. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
-# channel. The result is stored before the entry is acknowledged, in one step.
-_COMPLETE = (
+# Both endings start alike: a job whose record is gone, or that has ended already, only has its entry acknowledged
+# (the first terminal state is final). KEYS[1] stream, KEYS[2] record; ARGV[1] group, ARGV[2] entry id.
+_ONCE = (
     ACK_LUA
     + RELEASE_SLOT_LUA
     + """
@@ -33,7 +33,14 @@ if status == 'succeeded' or status == 'failed' then
   ack(KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
-if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[4]) then
+"""
+)
+
+# KEYS: stream, record, payload, result, tenants. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
+# channel. The result is stored before the entry is acknowledged, in one step.
+_COMPLETE = (
+    _ONCE
+    + """if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[4]) then
   ack(KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
@@ -51,19 +58,8 @@ return 1
 # KEYS: stream, record, payload, dead, tenants. ARGV: group, entry_id, code, message, now, record_ttl, channel,
 # job_id, deliveries, dead_letter ('1' or '0'), dead_maxlen.
 _FAIL = (
-    ACK_LUA
-    + RELEASE_SLOT_LUA
-    + """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  ack(KEYS[1], ARGV[1], ARGV[2])
-  return 0
-end
-local status = redis.call('HGET', KEYS[2], 'status')
-if status == 'succeeded' or status == 'failed' then
-  ack(KEYS[1], ARGV[1], ARGV[2])
-  return 0
-end
-redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[5], 'error_code', ARGV[3],
+    _ONCE
+    + """redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[5], 'error_code', ARGV[3],
            'error_message', ARGV[4], 'deliveries', ARGV[9])
 redis.call('HDEL', KEYS[2], 'consumer')
 redis.call('EXPIRE', KEYS[2], ARGV[6])
