@@ -93,6 +93,7 @@ def test_the_shipped_card_carries_levels_and_threshold_fitted_on_calibration_dat
     calibration = card["evaluation"]["calibration"]
     assert calibration["data"].rstrip("/").endswith("calib")  # c2p data synth --seed 1, not the test split
     assert card["reliability"] == calibration["levels"] and card["reliability"]["calibration_images"] >= 400
+    assert card["reliability"]["abstain_below"] == calibration["abstain_below"] > 0
     assert card["concepts"]["threshold"] == calibration["concept_threshold"]
     trained = {spec.concept for spec in TASKS.values() if spec.split == "train"}
     assert {entry["name"] for entry in card["concepts"]["vocabulary"]} == trained | {NO_FINDING}
