@@ -34,12 +34,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import preprocess
-from service.artifacts import ensure_artifact
 from service.config import EngineSettings, Settings, load_settings
-from service.engine import load_engine
 from service.inputs import decode
-from service.redis_server import PrivateRedis
+from service.queue.redis_server import PrivateRedis
+from service.worker import preprocess
+from service.worker.artifacts import ensure_artifact
+from service.worker.engine import load_engine
 
 TARGETS = {"efficiency": 0.85, "gateway_rss_over_upload": 2.0, "grpc_vs_rest": 1.0}
 

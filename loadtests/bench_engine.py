@@ -29,7 +29,7 @@ from models.checkpoint import save_checkpoint
 from models.export import ServingGraph, export_model, probe_batch
 from models.registry import build_c2p, get_config
 from service.config import EngineSettings
-from service.engine import load_engine
+from service.worker.engine import load_engine
 
 TARGETS = {"ort_vs_eager": 2.0, "compute_efficiency": 0.3}
 

@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
 
 from loadtests.inputs import Upload, camera_png, single_dicom  # noqa: E402
 from loadtests.soak import export_folder, free_port  # noqa: E402
-from service.redis_server import _parent_death_signal, find_redis_server  # noqa: E402
+from service.queue.redis_server import _parent_death_signal, find_redis_server  # noqa: E402
 
 TERMINAL = ("succeeded", "failed")
 RETRIED_STATUS = (429, 503)
@@ -74,7 +74,7 @@ class DurableRedis:
     """A redis-server on a fixed loopback port with its append-only file in ``directory``: stop() and start() again
     bring it back at the same address with its data, as a Redis pod with a persistent volume comes back.
 
-    (``service.redis_server.PrivateRedis`` picks a new temp dir and port at every start, which is what the
+    (``service.queue.redis_server.PrivateRedis`` picks a new temp dir and port at every start, which is what the
     embedded mode wants and a restart drill does not.)
     """
 
@@ -193,7 +193,7 @@ def spawn(command: str, model: str, env: dict[str, str], log: Path, *extra: str)
 
 
 def consumer_of(process: subprocess.Popen[bytes]) -> str:
-    """The consumer name a worker process reads the stream under (service.worker.consumer_name)."""
+    """The consumer name a worker process reads the stream under (service.worker.consumer.consumer_name)."""
     return f"{socket.gethostname()}-{process.pid}"
 
 

@@ -5,7 +5,7 @@
     (a service with authentication on: export LOAD_API_KEY=<key> first; locust reads it too)
 
 By default it starts the service itself, as ``loadtests/bench_e2e.py`` does: a private Redis
-(``service.redis_server.PrivateRedis``), ``c2p gateway`` and ``c2p worker`` as separate processes on loopback, so
+(``service.queue.redis_server.PrivateRedis``), ``c2p gateway`` and ``c2p worker`` as separate processes on loopback, so
 each one's memory is its own. With ``--host`` it attaches to a running service instead and samples the processes
 named by ``--pid NAME=PID`` (``c2p serve`` is one process holding gateway and worker; its private Redis is a child
 and is counted with it).
@@ -395,7 +395,7 @@ async def wait_grpc(target: str, timeout_s: float = 30) -> None:
 
 EXPORT_FOLDER = """
 import sys
-from service.artifacts import ensure_artifact
+from service.worker.artifacts import ensure_artifact
 from service.config import load_settings
 settings = load_settings(model=sys.argv[1] or None)
 print(ensure_artifact(settings.model, settings.artifacts_dir, settings.engine.kind))
@@ -422,7 +422,7 @@ def export_folder(model: str | None, env: dict[str, str]) -> str:
 @contextlib.contextmanager
 def started_service(args: argparse.Namespace) -> Iterator[tuple[str, str, dict[str, int], dict[str, bool]]]:
     """Private Redis + ``c2p gateway`` + ``c2p worker``: (base URL, gRPC target, pids by name, judged by name)."""
-    from service.redis_server import PrivateRedis
+    from service.queue.redis_server import PrivateRedis
 
     with PrivateRedis(unix_socket=True) as redis, tempfile.TemporaryDirectory(prefix="c2p-soak-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}

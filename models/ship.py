@@ -49,7 +49,8 @@ def ship(
         "provenance": provenance,
         "evaluation": {k: v for k, v in report.items() if k != "vocabulary"},
         "intended_use": INTENDED_USE,
-        # what the service reads beyond the mask (service/interpret.py): fitted on calibration data by c2p evaluate
+        # what the service reads beyond the mask (service/worker/interpret.py): fitted on calibration data by
+        # c2p evaluate
         "concepts": report.get("vocabulary"),
         "reliability": report.get("calibration", {}).get("levels"),
     }

@@ -50,13 +50,13 @@ def inputs() -> list[tuple[str, str, bytes, str | None]]:
 
 
 async def segment_all(model: str) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
-    from service.artifacts import ensure_artifact
-    from service.batcher import DynamicBatcher
-    from service.codecs import rle
     from service.config import EngineSettings, Settings
-    from service.engine import load_engine
-    from service.pipeline import Pipeline
-    from service.preprocess import to_unit
+    from service.outputs import rle
+    from service.worker.artifacts import ensure_artifact
+    from service.worker.batcher import DynamicBatcher
+    from service.worker.engine import load_engine
+    from service.worker.pipeline import Pipeline
+    from service.worker.preprocess import to_unit
 
     settings = Settings(model=model, engine=EngineSettings(warmup=False))
     engine = load_engine(ensure_artifact(model, settings.cache_dir), settings.engine)

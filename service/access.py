@@ -10,10 +10,10 @@ from collections.abc import Mapping
 
 import redis.asyncio as aioredis
 
-from service.audit import Action, AuditLog
 from service.auth import Authenticator, Principal
 from service.config import Settings
 from service.errors import Unauthenticated
+from service.ops.audit import Action, AuditLog
 
 
 def refusal_reason(err: Unauthenticated) -> str:

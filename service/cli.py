@@ -52,7 +52,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from service.artifacts import ensure_artifact
+    from service.worker.artifacts import ensure_artifact
 
     settings = _service_settings(args)
     out = Path(args.out)

@@ -159,7 +159,7 @@ class DicomWebSettings(BaseModel):
 
 
 class TracingSettings(BaseModel):
-    """OpenTelemetry (service/tracing.py): off unless an OTLP/HTTP collector is named."""
+    """OpenTelemetry (service/ops/tracing.py): off unless an OTLP/HTTP collector is named."""
 
     endpoint: str | None = Field(None, pattern=r"^https?://")  # e.g. http://otel-collector:4318
     service_name: str = "c2p-serve"

@@ -21,12 +21,12 @@ from PIL import Image
 
 from models.data.layout import find_datasets, open_dataset
 from models.files import RAW_FOLDER
-from service.artifacts import ensure_artifact
-from service.batcher import DynamicBatcher
-from service.codecs import rle
 from service.config import EngineSettings, Settings
-from service.engine import load_engine
-from service.pipeline import Pipeline
+from service.outputs import rle
+from service.worker.artifacts import ensure_artifact
+from service.worker.batcher import DynamicBatcher
+from service.worker.engine import load_engine
+from service.worker.pipeline import Pipeline
 
 UNITS = {"ct": "CT", "mri": "MR"}
 

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 import uvicorn
 
-from service import tracing
-from service.artifacts import ensure_artifact
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
-from service.engine import Engine, load_engine, warm_up
-from service.metrics import Metrics
+from service.ops import tracing
+from service.ops.metrics import Metrics
 from service.queue import connect
-from service.redis_server import redis_url_or_private
+from service.queue.redis_server import redis_url_or_private
+from service.worker.artifacts import ensure_artifact
+from service.worker.engine import Engine, load_engine, warm_up
 
 if TYPE_CHECKING:
-    from service.worker import Worker
+    from service.worker.consumer import Worker
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _http_server(settings: Settings, metrics: Metrics, client: aioredis.Redis, a
 
 
 async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
-    from service.worker import Worker
+    from service.worker.consumer import Worker
 
     metrics = Metrics()
     authenticator = Authenticator(settings)
@@ -143,7 +143,7 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
 
 
 def _ops_server(settings: Settings, runner: Worker, metrics: Metrics, client: aioredis.Redis) -> _Server:
-    from service.ops import create_ops_app
+    from service.ops.port import create_ops_app
 
     app = create_ops_app(runner, metrics, client)
     config = uvicorn.Config(

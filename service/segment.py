@@ -4,7 +4,7 @@ Each input (a file, or a folder holding one DICOM series) gives ``DIR/<name>.jso
 schema, plus a DICOM SEG, a NIfTI labelmap and/or a PNG overlay when asked. Each format is rendered on its own; one
 this input cannot have (a DICOM SEG of a NIfTI: OutputNotAvailable) is skipped with a warning and named under
 ``"skipped"`` in the input's summary entry, and is no failure. Same decoder, batcher, engine,
-report and output writers (service.outputs) as the worker and gateway, so a local run and a served request give
+report and output writers (service.outputs.formats) as the worker and gateway, so a local run and a served request give
 the same files.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service import outputs
-from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import Engine
 from service.errors import InvalidRequest, OutputNotAvailable, ServiceError
 from service.inputs import Upload
-from service.pipeline import Pipeline
+from service.outputs import formats as outputs
+from service.worker.batcher import DynamicBatcher
+from service.worker.engine import Engine
+from service.worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import pytest
 
 from models.checkpoint import save_checkpoint
 from models.registry import get_config
-from service.artifacts import ensure_artifact
 from service.cli import build_parser, main
+from service.worker.artifacts import ensure_artifact
 from tests.conftest import seeded_network
 
 
@@ -34,7 +34,7 @@ def test_segment_writes_json_nifti_and_png(exported: Path, tmp_path: Path, capsy
     import numpy as np
     from PIL import Image
 
-    from service.codecs import rle
+    from service.outputs import rle
     from service.schema import SegmentationResult
 
     data = np.zeros((48, 40, 5), dtype=np.int16)

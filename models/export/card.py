@@ -70,7 +70,7 @@ def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "weighting": "relative",
         },
         "weights": weights,
-        # What the result says beyond its mask (service/interpret.py): absent blocks get documented fallbacks.
+        # What the result says beyond its mask (service/worker/interpret.py): absent blocks get documented fallbacks.
         "intended_use": weights.get("intended_use") or INTENDED_USE,
         "concepts": weights.get("concepts"),
         "reliability": weights.get("reliability"),

@@ -1,4 +1,4 @@
-"""What the service serves and whether it is ready, read from the workers' announcements (service/presence.py).
+"""What the service serves and whether it is ready, read from the workers' announcements (service/queue/presence.py).
 
 A gateway knows of models only what warm workers announce: their variant and the digest of the artifact they run.
 Every API resolves names by the same rules here (the variant, or the alias ``c2p``; versions are the first 12 hex
@@ -17,9 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import presence
 from service.errors import ModelNotFound, Unavailable
-from service.queue import JobQueue
+from service.queue import JobQueue, presence
 
 ALIAS = "c2p"
 SERVER_NAME = "c2p-serve"

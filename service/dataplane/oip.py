@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from service.codecs import rle
 from service.dataplane.models import VERSION_DIGITS
 from service.errors import InvalidRequest
 from service.inputs import tensor
+from service.outputs import rle
 from service.schema import Job, SegmentationResult
 
 INPUT = "image"

@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from service import tracing
 from service.config import LimitSettings
 from service.errors import InvalidRequest
 from service.inputs import Upload, probe
 from service.inputs.probe import normalise_hint
+from service.ops import tracing
 from service.queue import JobQueue
 from service.schema import Job
 

@@ -31,7 +31,7 @@ from service.gateway.identity import caller
 from service.gateway.rejected import RejectedLog
 from service.gateway.rest import API, error_response
 from service.gateway.uploads import BodyLimit
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import JobQueue, connect
 from service.schema import ErrorInfo
 

@@ -37,7 +37,7 @@ from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, Servi
 from service.gateway.identity import Caller
 from service.gateway.uploads import declared_length
 from service.inputs.sniff import quiet
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import ErrorInfo
 

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import outputs
 from service.access import Access
 from service.config import Settings
 from service.dataplane.jobs import failure
@@ -21,6 +20,7 @@ from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import InvalidRequest, ResultNotReady, ServiceError
 from service.gateway.identity import Caller, error_headers
 from service.gateway.uploads import read_files
+from service.outputs import formats as outputs
 from service.queue import JobQueue
 from service.schema import ErrorInfo, Job
 

@@ -26,7 +26,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from service.access import Access
 from service.auth import Principal
 from service.errors import QueueFull, ResponseTooLarge, ServiceError
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("c2p.access")

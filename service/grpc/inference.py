@@ -70,7 +70,7 @@ from service.grpc.calls import (
     trace_headers,
 )
 from service.inputs import Upload, tensor
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import Job
 

@@ -27,7 +27,7 @@ from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.calls import API, JOB_ID_KEY, abort, caller, check_response_size, service_errors, trace_headers
 from service.grpc.convert import job_to_proto
 from service.inputs import Upload
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job
 

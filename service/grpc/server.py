@@ -28,7 +28,7 @@ from service.dataplane.models import is_ready
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.calls import Registration, RpcNames
 from service.grpc.segmentation import SegmentationService
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import JobQueue
 
 __all__ = ["Registration", "build_server", "server_credentials", "stop_server"]

@@ -1,4 +1,4 @@
-"""Packed values in Redis (service.payload): uploads written in chunks, kept outputs read back member by member.
+"""Packed values in Redis (service.queue.payload): uploads written in chunks, kept outputs read back member by member.
 
 Why apart from the job's state: these are the large values (a 150 MB volume, a 300-slice set of previews), and
 what matters for them is memory and round trips, not atomicity. Writing them in chunks and reading them by ranges
@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import payload as payload_codec
 from service.config import QueueSettings
 from service.errors import InvalidRequest, JobNotFound, OutputNotAvailable, PayloadTooLarge, ServiceError
+from service.queue import payload as payload_codec
 from service.queue.connection import redis_errors
 from service.queue.keys import QueueKeys, check_id
 
@@ -74,8 +74,8 @@ class Blobs:
 
     @redis_errors
     async def store_outputs(self, job_id: str, members: Sequence[tuple[str, bytes]]) -> None:
-        """Keep what the derived formats need (service.outputs) for as long as the result; before ``complete``, so
-        a caller who sees the job succeed finds them."""
+        """Keep what the derived formats need (service.outputs.formats) for as long as the result; before
+        ``complete``, so a caller who sees the job succeed finds them."""
         check_id(job_id)
         await self.store_packed(self._keys.outputs_key(job_id), members, self._settings.result_ttl_s)
 

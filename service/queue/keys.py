@@ -6,9 +6,9 @@ lifetime, and a job id reaches a key name only after it is checked here. Keys un
     {p}:jobs          stream of {job_id}; consumer group {p}:workers; an entry lives until its job ends
     {p}:dead          dead-letter stream (approximate MAXLEN 10000)
     {p}:job:{id}      record hash: status, created_at, updated_at, deliveries, meta, stream_id, ...
-    {p}:payload:{id}  the packed upload (service.payload), TTL payload_ttl_s, deleted when the job ends
+    {p}:payload:{id}  the packed upload (service.queue.payload), TTL payload_ttl_s, deleted when the job ends
     {p}:result:{id}   the result JSON, TTL result_ttl_s
-    {p}:outputs:{id}  what the derived formats need beyond the result (service.outputs), packed like a payload,
+    {p}:outputs:{id}  what the derived formats need beyond the result (service.outputs.formats), packed like a payload,
                       TTL result_ttl_s, written before the job completes; read by ranges, one member at a time
     {p}:done:{id}     pub/sub channel told when the job ends (or is deleted)
     {p}:tenants       hash: tenant -> its jobs queued or running (what the per-tenant quota bounds)

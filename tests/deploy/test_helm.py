@@ -33,7 +33,7 @@ import yaml
 
 from service.auth import Authenticator, check_exposure, entry_for, new_key
 from service.config import Settings, unknown_variables
-from service.metrics import GpuCollector, Metrics
+from service.ops.metrics import GpuCollector, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "c2p-serve"
@@ -675,7 +675,7 @@ def test_redis_persists_the_queue_and_never_evicts(scenario: str) -> None:
 
 def test_redis_runs_with_the_rendered_configuration(tmp_path: Path) -> None:
     """The rendered redis.conf is fed to a real redis-server: a typo in a directive would stop Redis from starting."""
-    from service.redis_server import find_redis_server
+    from service.queue.redis_server import find_redis_server
 
     try:
         binary = find_redis_server()

@@ -16,7 +16,7 @@ from models.train.data import resize_pair
 from service.config import LimitSettings
 from service.evaluation import ct_dicom
 from service.inputs import decode
-from service.preprocess import plan, prepared
+from service.worker.preprocess import plan, prepared
 
 CONFIG = get_config("c2p-femto-192")
 # The training images are stored as 8-bit PNGs: half a grey level of rounding, before and after the resize.

@@ -15,8 +15,8 @@ from models.export import probe_batch
 from models.export.strip import strip_weights
 from models.files import CARD_FILE, ONNX_FILE, WEIGHTS_DATA_FILE, sha256_file
 from models.restore import RestoreError, restore_export, shipped_variant
-from service.engine.artifact import open_artifact
 from service.errors import ArtifactInvalid
+from service.worker.engine.artifact import open_artifact
 
 
 def _run(folder: Path, example: np.ndarray) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.config import QueueSettings
-from service.redis_server import PrivateRedis
+from service.queue.redis_server import PrivateRedis
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 from PIL import Image
 
 from service.config import EngineSettings, QueueSettings, Settings, WorkerSettings
-from service.engine import Engine, load_engine
 from service.gateway.app import create_app
-from service.metrics import Metrics
-from service.worker import Worker
+from service.ops.metrics import Metrics
+from service.worker.consumer import Worker
+from service.worker.engine import Engine, load_engine
 
 _ENGINES: dict[Path, Engine] = {}
 

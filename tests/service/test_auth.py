@@ -35,7 +35,7 @@ from service.gateway.identity import caller
 from service.grpc import inference_pb2, inference_pb2_grpc, segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.inference import inference_registration
 from service.grpc.server import build_server, stop_server
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from tests.service.harness import disc_image, engine_for, free_port, make_settings, png_bytes, running
 from tests.service.test_grpc import trailers
 

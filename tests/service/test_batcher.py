@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import DynamicBatcher
+from service.worker.batcher import DynamicBatcher
 
 
 class FakeEngine:

@@ -22,11 +22,11 @@ import pytest
 from dicomanonymizer import simpledicomanonymizer
 from pydicom.dataset import Dataset
 
-from service import outputs
-from service.codecs.deidentify import DUMMY, METHOD, PATIENT_NAME, deidentify_series
-from service.codecs.dicom_headers import encode_headers, header_only
-from service.codecs.dicom_seg import dicom_seg
 from service.config import DicomWebSettings, QueueSettings, Settings
+from service.outputs import formats as outputs
+from service.outputs.deidentify import DUMMY, METHOD, PATIENT_NAME, deidentify_series
+from service.outputs.dicom_headers import encode_headers, header_only
+from service.outputs.dicom_seg import dicom_seg
 from tests.service.harness import engine_for, make_settings, running
 from tests.service.test_dicom_seg import ct_series as ct_headers
 from tests.service.test_dicom_seg import (

@@ -26,8 +26,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from service.codecs.dicom_headers import decode_headers, encode_headers, header_only
-from service.codecs.dicom_seg import (
+from service.errors import InvalidImage, InvalidRequest
+from service.outputs.dicom_headers import decode_headers, encode_headers, header_only
+from service.outputs.dicom_seg import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
     PRIVATE_LEVEL,
@@ -38,7 +39,6 @@ from service.codecs.dicom_seg import (
     PRIVATE_SLICES,
     dicom_seg,
 )
-from service.errors import InvalidImage, InvalidRequest
 from service.schema import (
     InputInfo,
     Mask,

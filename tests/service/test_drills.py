@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from loadtests.drill import DurableRedis, consumer_of, end
 from service.config import QueueSettings
 from service.queue import JobQueue
-from service.redis_server import RedisStartError
+from service.queue.redis_server import RedisStartError
 from service.schema import Job
 from tests.service.harness import disc_image, free_port, png_bytes
 from tests.service.test_processes import start_worker, volume_upload, worker_env

@@ -9,8 +9,8 @@ import pytest
 
 from models.export import probe_batch
 from service.config import EngineSettings
-from service.engine import load_engine, warm_up
 from service.errors import ArtifactInvalid, ArtifactNotFound, InvalidTensor
+from service.worker.engine import load_engine, warm_up
 
 KINDS = ["onnx", "torchscript"]
 

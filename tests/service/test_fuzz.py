@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from service.codecs.dicom_headers import encode_headers
 from service.config import LimitSettings
 from service.errors import ServiceError
 from service.inputs import decode, probe
+from service.outputs.dicom_headers import encode_headers
 
 # Small limits: a header that declares more than these must be refused before any buffer of that size exists.
 LIMITS = LimitSettings(

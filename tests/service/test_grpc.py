@@ -19,15 +19,15 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.codecs import rle
 from service.config import GrpcSettings, LimitSettings, QueueSettings, Settings
-from service.engine import Engine
 from service.grpc import inference_pb2, inference_pb2_grpc, segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.convert import job_from_proto
 from service.grpc.server import Registration, build_server, stop_server
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
+from service.outputs import rle
 from service.queue import JobQueue
-from service.worker import Worker
+from service.worker.consumer import Worker
+from service.worker.engine import Engine
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

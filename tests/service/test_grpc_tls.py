@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import GrpcSettings, QueueSettings, Settings
 from service.grpc.server import build_server, stop_server
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from tests.service.test_grpc import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

@@ -25,8 +25,8 @@ from service.config import QueueSettings, Settings
 from service.grpc import inference_pb2, inference_pb2_grpc
 from service.grpc.inference import inference_registration
 from service.grpc.server import build_server, stop_server
-from service.metrics import Metrics
-from service.worker import Worker
+from service.ops.metrics import Metrics
+from service.worker.consumer import Worker
 from tests.conftest import TEST_VARIANT
 from tests.service.harness import disc_image, engine_for, make_settings
 from tests.service.test_grpc import free_port

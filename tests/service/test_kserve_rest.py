@@ -23,12 +23,12 @@ import uvicorn
 from tritonclient import http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.codecs import rle
 from service.config import LimitSettings, QueueSettings, Settings
 from service.gateway import kserve_request
 from service.gateway.app import create_app
-from service.metrics import Metrics
-from service.worker import Worker
+from service.ops.metrics import Metrics
+from service.outputs import rle
+from service.worker.consumer import Worker
 from tests.conftest import TEST_VARIANT
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 

@@ -32,7 +32,7 @@ from service.auth import entry_for, new_key
 from service.config import LimitSettings, QueueSettings
 from service.grpc.server import build_server, stop_server
 from service.inputs import decode, probe
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from tests.service.harness import engine_for, free_port, make_settings, serving_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def test_the_chaos_drill_loses_nothing_and_answers_nothing_twice(exported: Path,
     while 20 jobs run; the JSON has its fields, every job ended, none was lost or answered twice."""
     import subprocess
 
-    from service.redis_server import RedisStartError, find_redis_server
+    from service.queue.redis_server import RedisStartError, find_redis_server
 
     try:
         find_redis_server()

@@ -21,7 +21,7 @@ from service.config import QueueSettings, Settings
 from service.grpc import inference_pb2, inference_pb2_grpc, segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.inference import inference_registration
 from service.grpc.server import build_server, stop_server
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from tests.service.harness import free_port, running
 from tests.service.test_dicomweb import related
 

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from service.payload import FLAG_ZLIB, MAGIC, PayloadOverLimit, StreamPacker, pack, unpack
+from service.queue.payload import FLAG_ZLIB, MAGIC, PayloadOverLimit, StreamPacker, pack, unpack
 
 MIB = 1024 * 1024
 

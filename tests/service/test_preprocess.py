@@ -10,7 +10,7 @@ import pytest
 
 from models.recipe import Recipe
 from service.inputs import Volume
-from service.preprocess import PICTURE_WINDOW, plan, slices, to_unit
+from service.worker.preprocess import PICTURE_WINDOW, plan, slices, to_unit
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

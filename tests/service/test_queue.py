@@ -20,7 +20,7 @@ from service.errors import (
     Unavailable,
 )
 from service.queue import Delivery, JobQueue, new_job_id
-from service.redis_server import PrivateRedis
+from service.queue.redis_server import PrivateRedis
 from service.schema import (
     InputInfo,
     Mask,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.redis_server import (
+from service.queue.redis_server import (
     PrivateRedis,
     RedisStartError,
     bundled_redis_server,
@@ -147,7 +147,7 @@ def test_a_forgotten_server_is_stopped_by_its_finaliser() -> None:
 def test_the_server_dies_with_a_parent_that_crashed() -> None:
     code = (
         "import os\n"
-        "from service.redis_server import PrivateRedis\n"
+        "from service.queue.redis_server import PrivateRedis\n"
         "server = PrivateRedis().start()\n"
         "print(server.pid, server.workdir, flush=True)\n"
         "os._exit(0)  # no finaliser, no atexit: only the kernel can stop the server now\n"

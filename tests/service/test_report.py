@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models.attributes import ATTRIBUTE_SLICES, NUM_GEOMETRY
-from service.report import SliceOutputs, build_reliability, mask_on_grid, volume_outliers
+from service.worker.report import SliceOutputs, build_reliability, mask_on_grid, volume_outliers
 
 
 def slice_outputs(area: float, centroid: tuple[float, float] = (0.5, 0.5), agreement: float = 1.0) -> SliceOutputs:

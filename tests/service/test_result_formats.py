@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.codecs import rle
 from service.config import QueueSettings
+from service.outputs import rle
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 from tests.service.test_dicom_seg import dciodvfy_errors
 from tests.service.test_inputs import ct_series
@@ -210,7 +210,7 @@ def test_the_gateway_never_loads_torch_or_highdicom() -> None:
     import sys
 
     probe = (
-        "import sys, service.gateway.app, service.inputs, service.grpc.server, service.outputs;"
+        "import sys, service.gateway.app, service.inputs, service.grpc.server, service.outputs.formats;"
         "print(sorted(m for m in ('torch', 'highdicom', 'timm') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

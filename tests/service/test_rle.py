@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.codecs.rle import _runs, area, decode, encode
+from service.outputs.rle import _runs, area, decode, encode
 
 
 def column_major_runs(mask: np.ndarray) -> list[int]:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.codecs import rle
 from service.config import LimitSettings, QueueSettings
+from service.outputs import rle
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 from tests.service.test_dicom_seg import dciodvfy_errors
 

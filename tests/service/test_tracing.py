@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import tracing
 from service.config import QueueSettings, TracingSettings
+from service.ops import tracing
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 from tests.service.test_service import upload
 

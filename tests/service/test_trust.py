@@ -20,10 +20,10 @@ from models.attributes import ATTRIBUTE_SLICES
 from models.cards import INTENDED_USE
 from models.concepts import NO_FINDING, UNKNOWN, vocabulary_card
 from models.recipe import BLANK_STD
-from service.batcher import DynamicBatcher
 from service.config import EngineSettings, Settings
-from service.interpret import CardReadout
-from service.pipeline import Pipeline
+from service.worker.batcher import DynamicBatcher
+from service.worker.interpret import CardReadout
+from service.worker.pipeline import Pipeline
 from tests.service.harness import engine_for
 
 AREA, CENTROID = ATTRIBUTE_SLICES["area"].start, ATTRIBUTE_SLICES["centroid"]
@@ -193,7 +193,7 @@ def test_the_concept_is_read_out_against_the_card(exported: Path) -> None:
     embedding = np.zeros(384, np.float32)
     embedding[1] = 0.9
     embedding[0] = 0.3
-    from service.report import SliceOutputs
+    from service.worker.report import SliceOutputs
 
     blank = SliceOutputs.for_blank(8)
     found = SliceOutputs(**{**blank.__dict__, "blank": False, "concept_embedding": embedding})

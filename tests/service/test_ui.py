@@ -31,8 +31,8 @@ import uvicorn
 from service.auth import REFUSED, entry_for, new_key
 from service.config import QueueSettings, Settings
 from service.gateway.app import create_app
-from service.metrics import Metrics
-from service.worker import Worker
+from service.ops.metrics import Metrics
+from service.worker.consumer import Worker
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, iter_pixels, pixel_array
 from pydicom.uid import UID
 
-from service.codecs.dicom_headers import header_only
 from service.errors import InvalidImage, ServiceError
 from service.inputs.dicom.headers import Header
 from service.inputs.sniff import quiet
 from service.inputs.volume import storage_dtype
+from service.outputs.dicom_headers import header_only
 
 SAFE_PLUGINS = ("pylibjpeg", "pydicom", "pillow")  # in order of preference
 

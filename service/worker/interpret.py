@@ -16,8 +16,8 @@ import numpy as np
 from models.cards import INTENDED_USE
 from models.concepts import Readout, load_vocabulary, read_out
 from models.reliability import abstain_bound, levels_from_card
-from service.report import SliceOutputs, fused_concept
 from service.schema import Code, ConceptInfo
+from service.worker.report import SliceOutputs, fused_concept
 
 
 class CardReadout:

@@ -9,9 +9,9 @@ import torch
 
 from models.files import TORCHSCRIPT_CARD_FILE
 from service.config import EngineSettings
-from service.engine.artifact import Artifact, check_embedded
-from service.engine.base import check_batch
 from service.errors import ArtifactInvalid
+from service.worker.engine.artifact import Artifact, check_embedded
+from service.worker.engine.base import check_batch
 
 
 def torch_device(device: str) -> torch.device:

@@ -3,7 +3,7 @@
 Pure functions. The worker keeps each source instance's header without its pixels (``header_only``), stores the
 headers as Part 10 bytes beside the job (``encode_headers``), reads them back as untrusted input
 (``decode_headers``), and builds the SEG from them, the masks in the service's slice order and the result
-(``dicom_seg``), once ``service.codecs.seg_sources`` has made the headers what highdicom accepts.
+(``dicom_seg``), once ``service.outputs.seg_sources`` has made the headers what highdicom accepts.
 
 Geometry is never recomputed here: highdicom copies plane positions, orientation and pixel spacing from the source
 headers and references, per frame, the source instance (and frame, for a multi-frame source) the frame was derived
@@ -54,9 +54,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from service.codecs.dicom_headers import REQUIRED_KEYWORDS, quiet
-from service.codecs.seg_sources import Slice, frame_count, layout, position_of, source_images
 from service.errors import InvalidRequest
+from service.outputs.dicom_headers import REQUIRED_KEYWORDS, quiet
+from service.outputs.seg_sources import Slice, frame_count, layout, position_of, source_images
 from service.schema import SegmentationResult, SliceReliability
 
 

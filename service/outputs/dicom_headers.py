@@ -3,7 +3,7 @@
 The worker keeps each instance's header (``header_only``) while it decodes the series, stores the headers as Part 10
 bytes with the job (``encode_headers``) and, when a SEG is asked for, they come back from Redis and are read as
 untrusted input (``decode_headers``). pydicom only: the gateway's DICOM reader imports this module, and highdicom
-(service.codecs.dicom_seg) costs a gateway 20 MB it never needs.
+(service.outputs.dicom_seg) costs a gateway 20 MB it never needs.
 """
 
 from __future__ import annotations

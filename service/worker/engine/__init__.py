@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.config import EngineSettings
-from service.engine.artifact import Artifact, open_artifact
-from service.engine.base import Engine, check_batch, warm_up
+from service.worker.engine.artifact import Artifact, open_artifact
+from service.worker.engine.base import Engine, check_batch, warm_up
 
 __all__ = ["Artifact", "Engine", "check_batch", "load_engine", "open_artifact", "warm_up"]
 
@@ -14,9 +14,9 @@ __all__ = ["Artifact", "Engine", "check_batch", "load_engine", "open_artifact", 
 def load_engine(directory: str | Path, settings: EngineSettings) -> Engine:
     artifact = open_artifact(directory, settings.kind)
     if settings.kind == "onnx":
-        from service.engine.onnx import OnnxEngine
+        from service.worker.engine.onnx import OnnxEngine
 
         return OnnxEngine(artifact, settings)
-    from service.engine.torchscript import TorchScriptEngine
+    from service.worker.engine.torchscript import TorchScriptEngine
 
     return TorchScriptEngine(artifact, settings)

@@ -19,22 +19,30 @@ from typing import Any
 import numpy as np
 
 from models.recipe import Recipe
-from service import preprocess, tracing
-from service.batcher import DynamicBatcher
-from service.codecs import rle
 from service.config import Settings
-from service.engine import Engine
 from service.inputs import Upload, Volume, decode
-from service.interpret import CardReadout
-from service.report import SliceOutputs, abstaining, build_reliability, mask_on_grid, slice_parts, volume_outliers
+from service.ops import tracing
+from service.outputs import rle
 from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
+from service.worker import preprocess
+from service.worker.batcher import DynamicBatcher
+from service.worker.engine import Engine
+from service.worker.interpret import CardReadout
+from service.worker.report import (
+    SliceOutputs,
+    abstaining,
+    build_reliability,
+    mask_on_grid,
+    slice_parts,
+    volume_outliers,
+)
 
 Progress = Callable[[int, int], None]  # (slices done, slices in all)
 
 
 @dataclass
 class Segmentation:
-    """A result plus the decoded volume, which the derived formats need beyond the JSON (service.outputs)."""
+    """A result plus the decoded volume, which the derived formats need beyond the JSON (service.outputs.formats)."""
 
     result: SegmentationResult
     volume: Volume

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.metrics import Metrics
-from service.worker import Worker
+from service.ops.metrics import Metrics
+from service.worker.consumer import Worker
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 

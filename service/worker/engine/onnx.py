@@ -8,9 +8,9 @@ import numpy as np
 
 from models.files import ONNX_METADATA_KEY
 from service.config import EngineSettings
-from service.engine.artifact import Artifact, check_embedded
-from service.engine.base import check_batch
 from service.errors import ArtifactInvalid
+from service.worker.engine.artifact import Artifact, check_embedded
+from service.worker.engine.base import check_batch
 
 
 def providers_for(device: str) -> list[str]:

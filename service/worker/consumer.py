@@ -23,16 +23,17 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import outputs, presence, tracing
-from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.engine import Engine
 from service.errors import JobNotFound, ServiceError, Unavailable
-from service.forwarding import Forwarder
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.queue import Delivery, JobQueue
+from service.ops import tracing
+from service.ops.metrics import Metrics
+from service.outputs import formats as outputs
+from service.outputs.forwarding import Forwarder
+from service.queue import Delivery, JobQueue, presence
 from service.schema import SegmentationResult
+from service.worker.batcher import DynamicBatcher
+from service.worker.engine import Engine
+from service.worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ orientation in a multi-frame source's shared functional groups, every Type 2 pat
 times in their current form, a SliceThickness beside every plane position. A series the reader took must still get
 its SEG, so equivalent values are brought into that form here, in views (a source itself is never changed), and only
 what really cannot be one SEG is refused (``InvalidRequest``, whose message names no header value). Kept apart from
-the SEG's assembly (``service.codecs.dicom_seg``) because it is the part that follows scanners' quirks.
+the SEG's assembly (``service.outputs.dicom_seg``) because it is the part that follows scanners' quirks.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from service.codecs.dicom_headers import shallow_view
 from service.errors import InvalidRequest
+from service.outputs.dicom_headers import shallow_view
 
 # highdicom reads these from the first source without a default; Type 2 in image IODs, yet not always present.
 _TYPE2_PATIENT_STUDY = (

@@ -10,7 +10,7 @@ job ends (``kept_members``), in one value beside the result with the same lifeti
     dicom/00000.dcm     each source instance's header, without pixel data (DICOM inputs only)
 
 With ``worker.deidentify`` on, the headers stored are de-identified first (``deidentified``, PS3.15 basic profile,
-service/codecs/deidentify.py), so a DICOM SEG a caller downloads carries no patient identifiers; a SEG the worker
+service/outputs/deidentify.py), so a DICOM SEG a caller downloads carries no patient identifiers; a SEG the worker
 forwards to the source PACS is made from the members as ``kept_members`` made them, which must match the patient
 there.
 
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from service import preprocess
-from service.codecs import dicom_headers, rle, writers
 from service.errors import InvalidImage, InvalidRequest, OutputNotAvailable, ServiceError
 from service.inputs.volume import Volume
+from service.outputs import dicom_headers, rle, writers
 from service.schema import SegmentationResult
+from service.worker import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def deidentified(members: list[tuple[str, bytes]], volume: Volume) -> list[tuple
     in the same order (one UID mapping for the series, so the slice map and the SEG's references stay consistent).
     Fails closed: headers that cannot be de-identified are dropped and the index says so, so no DICOM SEG rather
     than one with identifiers. Runs in a thread, as ``kept_members``."""
-    from service.codecs.deidentify import deidentify_series  # dicom-anonymizer: loaded only where this is on
+    from service.outputs.deidentify import deidentify_series  # dicom-anonymizer: loaded only where this is on
 
     index = json.loads(dict(members)[INDEX])
     dicom = index.get("dicom")
@@ -196,7 +196,7 @@ def _dicom_seg(result: SegmentationResult, members: Mapping[str, bytes], index: 
         )
     if "error" in dicom:
         raise OutputNotAvailable(f"no DICOM SEG can be made for this input: {dicom['error']}")
-    from service.codecs import dicom_seg  # highdicom: loaded by the first SEG, never by a gateway that makes none
+    from service.outputs import dicom_seg  # highdicom: loaded by the first SEG, never by a gateway that makes none
 
     blobs = [members.get(header_name(i)) for i in range(int(dicom["instances"]))]
     if any(blob is None for blob in blobs):

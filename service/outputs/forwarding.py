@@ -26,7 +26,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from service.config import DicomWebSettings
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import Forwarding
 

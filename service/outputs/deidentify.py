@@ -1,9 +1,9 @@
 """De-identification of a series' headers, DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile.
 
 Why: with ``worker.deidentify`` on, the headers the worker keeps for the DICOM SEG a caller downloads go through
-``deidentify_series`` first (service/outputs.py), so that SEG, which copies the patient and study modules from its
-sources, carries no patient identifiers. A SEG forwarded to the source PACS is made from the untouched headers: it
-must match the patient and study there.
+``deidentify_series`` first (service/outputs/formats.py), so that SEG, which copies the patient and study modules
+from its sources, carries no patient identifiers. A SEG forwarded to the source PACS is made from the untouched
+headers: it must match the patient and study there.
 
 The profile's actions come from KitwareMedical's dicom-anonymizer (its copy of Table E.1-1, edition
 ``TABLE_EDITION``), not from a table kept here. Around it, this module adds what the library leaves to its caller:
@@ -50,7 +50,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
-from service.codecs.dicom_headers import header_only
+from service.outputs.dicom_headers import header_only
 
 TABLE_EDITION = "dicomfields_2026c"  # the library's copy of PS3.15 Table E.1-1, DICOM 2026c
 DUMMY = "ANONYMIZED"  # the library's own dummy value for replaced text

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
-from service.engine.artifact import Artifact
 from service.errors import InvalidTensor
+from service.worker.engine.artifact import Artifact
 
 
 class Engine(Protocol):

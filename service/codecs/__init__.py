@@ -1,1 +1,0 @@
-"""Format readers and writers, one module per format; pure functions where the format allows."""
