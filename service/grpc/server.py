@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from service.access import Access
 from service.auth import Authenticator
 from service.config import GrpcSettings, Settings
+from service.dataplane.jobs import stop_task
 from service.dataplane.models import is_ready
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.calls import Registration, RpcNames
@@ -179,8 +180,7 @@ async def _keep_health(
         await asyncio.shield(server.wait_for_termination())
     finally:
         _RUNTIME.pop(server, None)
-        refresher.cancel()
-        await asyncio.gather(refresher, return_exceptions=True)
+        await stop_task(refresher)  # cancel until done: redis-py can swallow one cancel mid-command
 
 
 async def _refresh_health(
