@@ -28,7 +28,7 @@ from models.data.layout import find_datasets, load_case, open_dataset
 from models.evaluate.calibration import fit_abstention, fit_concept_threshold, fit_levels, kept_promises, level_of
 from models.evaluate.metrics import auroc, dice_iou, spearman
 from models.registry import build_c2p
-from models.reliability import abstains, reliability
+from models.reliability import abstain_bound, abstains, reliability
 from models.train.data import resize_pair
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,8 @@ def evaluate(
     cache_dir: str | Path = "runs/cache",
 ) -> dict[str, Any]:
     """Every figure of the card: per dataset and family, concepts, and (with ``calibration``, data the test split
-    is not) the reliability levels and the concept threshold, fitted there and judged here."""
+    is not) the reliability levels, the abstention bound and the concept threshold, fitted there and judged here.
+    Without it the card's own abstention bound applies, as it does in the service."""
     config, weights, card = resolve(model)
     network = build_c2p(config, checkpoint=weights).eval()
     data = [data] if isinstance(data, str | Path) else list(data)
@@ -287,7 +288,10 @@ def evaluate(
     levels = None
     vocabulary = None
     extra: dict[str, Any] = {}
-    if calibration is not None:
+    if calibration is None:  # the card's own bound, as the service applies it
+        for r in results:
+            apply_abstention(r, abstain_bound(card.get("reliability")))
+    else:
         held = _run_all(network, [calibration], batch, 0)
         scored = [r for r in held if r.split != "negative-blank"]
         bound = fit_abstention(*(np.concatenate(a) for a in zip(
