@@ -430,8 +430,12 @@ async def pending_by_consumer(redis_url: str, prefix: str) -> dict[str, int]:
 
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        summary = await client.xpending(f"{prefix}:jobs", f"{prefix}:workers")
-        return {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+        pending: dict[str, int] = {}
+        async for stream in client.scan_iter(match=f"{prefix}:jobs:*", count=100):  # one stream per model
+            summary = await client.xpending(stream, f"{prefix}:workers")
+            for c in summary.get("consumers") or []:
+                pending[_text(c["name"])] = pending.get(_text(c["name"]), 0) + int(c["pending"])
+        return pending
     except (RedisError, OSError):
         return {}
     finally:

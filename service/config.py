@@ -97,6 +97,12 @@ class WorkerSettings(BaseModel):
     deidentify: bool = False
     # A worker running alone (`c2p worker`) serves /metrics and /v2/health/* here; 0 turns it off.
     ops_port: int = Field(8002, ge=0, le=65535)
+    # Which models this worker loads: comma-separated NAME or NAME:VERSION from the model repository (the C2P_MODEL
+    # model answers to its variant name); unset: all of them.
+    models: str | None = None
+    # The most memory the loaded models may take together (about 3x their files: service/worker/served.py); a set
+    # of models over it stops the start with their sizes. None: no limit.
+    memory_budget_mb: int | None = Field(None, ge=1)
 
 
 GRPC_MAX_MESSAGE = 2**31 - 1
@@ -210,8 +216,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # API keys, comma-separated entries TENANT:sha256:HEX (hashes, never the keys themselves); see AuthSettings.
     api_keys: str | None = Field(None, repr=False)
-    # A variant name (its shipped weights), a checkpoint (NAME.safetensors + NAME.json) or an export folder.
+    # A variant name (its shipped weights), a checkpoint (NAME.safetensors + NAME.json) or an export folder: the
+    # default model, served when a request names none.
     model: str = DEFAULT_VARIANT
+    # A folder of NAME/VERSION/ export folders served beside the default model (service/repository.py).
+    model_repository: Path | None = None
     # The service's own folder for what it makes and may remake: model folders, generated code's staging,
     # a private Redis's socket and config (removed on exit). Default $XDG_CACHE_HOME/c2p-serve or
     # ~/.cache/c2p-serve.

@@ -23,8 +23,9 @@ from service.ops import tracing
 from service.ops.metrics import Metrics
 from service.queue import connect
 from service.queue.redis_server import redis_url_or_private
-from service.worker.artifacts import ensure_artifact
-from service.worker.engine import Engine, load_engine, warm_up
+from service.worker.engine import Engine
+from service.worker.served import load_models
+from service.worker.served import load_warm_engine as _load_warm_engine
 
 if TYPE_CHECKING:
     from service.worker.consumer import Worker
@@ -47,12 +48,8 @@ def _on_signals(callback: Callable[[], None]) -> None:
 
 
 def load_warm_engine(settings: Settings) -> Engine:
-    directory = ensure_artifact(settings.model, settings.artifacts_dir, settings.engine.kind)
-    engine = load_engine(directory, settings.engine)
-    if settings.engine.warmup:
-        timings = warm_up(engine, (1, settings.engine.max_batch_size))
-        log.info("engine warm: %s", {k: round(v, 3) for k, v in timings.items()})
-    return engine
+    """The default model's engine, warmed up (``c2p segment``: one model, no queue)."""
+    return _load_warm_engine(settings.model, settings)
 
 
 def _client(url: str) -> aioredis.Redis:
@@ -90,10 +87,10 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
         runner = None
         ops = None
         if worker:
-            engine = await asyncio.to_thread(load_warm_engine, settings)
-            if engine.device == "cuda" and metrics.watch_gpus():
+            models = await asyncio.to_thread(load_models, settings)
+            if any(m.engine.device == "cuda" for m in models) and metrics.watch_gpus():
                 log.info("exporting GPU memory and utilisation metrics")
-            runner = Worker(settings, engine, client, metrics)
+            runner = Worker(settings, models, client, metrics)
             if not gateway and settings.worker.ops_port:
                 ops = _ops_server(settings, runner, metrics, client)
 

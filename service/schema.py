@@ -30,8 +30,10 @@ class ErrorInfo(_Model):
 
 
 class ModelInfo(_Model):
-    name: str = Field(description="variant, e.g. c2p-femto-192")
-    version: str = Field(description="weights digest prefix: changes whenever the weights change")
+    name: str = Field(description="a repository model's name, or the default model's variant, e.g. c2p-femto-192")
+    version: str = Field(
+        description="a repository model's version, or the first 12 hex digits of the default model's artifact digest"
+    )
     digest: str = Field(description="sha256 of the served artifact file")
     engine: str = Field(description="onnx or torchscript")
 

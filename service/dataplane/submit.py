@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.config import LimitSettings
+from service.dataplane.models import ModelDirectory
 from service.errors import InvalidRequest
 from service.inputs import Upload, probe
 from service.inputs.probe import normalise_hint
@@ -33,18 +34,23 @@ def modality_hint(value: str | None) -> str | None:
 
 async def submit_upload(
     queue: JobQueue,
+    models: ModelDirectory,
     files: Sequence[Upload],
     limits: LimitSettings,
     modality_hint: str | None,
     *,
     tenant: str,
+    model: str | None = None,
+    version: str | None = None,
     trace_parent: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Job:
-    """Probe in a thread (header parsing is CPU work a gateway loop must not do inline), then submit; ``extra``
-    joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery request).
+    """Find the model's stream, probe in a thread (header parsing is CPU work a gateway loop must not do inline),
+    then submit; ``extra`` joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery
+    request). ``model`` and ``version``: what the caller asked for (None: the default model, its newest version).
     ``tenant``: who owns the job. ``trace_parent``: the caller's W3C trace headers, so the job's trace continues
     theirs."""
+    target = await models.route(model, version)
     with tracing.span("c2p.submit", trace_parent, **{"c2p.files": len(files)}) as span:
         header = await asyncio.to_thread(probe, list(files), limits, modality_hint)
         meta = {
@@ -54,12 +60,13 @@ async def submit_upload(
             "files": header.files,
             "modality_hint": modality_hint,
             "submitted_at": datetime.now(UTC).isoformat(),
+            "model": {"name": target.name, "version": target.version, "digest": target.digest},
             **extra,
         }
         context = tracing.carrier()
         if context:
             meta["trace"] = context
-        job = await queue.submit(files, meta, tenant=tenant)
+        job = await queue.submit(files, meta, tenant=tenant, lane=target.lane)
         if span is not None:
             span.set_attributes({"c2p.job_id": job.id, "c2p.format": header.format, "c2p.slices": header.shape[0]})
         return job

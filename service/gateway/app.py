@@ -59,10 +59,10 @@ def create_app(
         redis_client = client or connect(settings.redis_url or "redis://127.0.0.1:6379/0")
         app.state.redis = redis_client
         app.state.queue = JobQueue(redis_client, settings.queue)
-        app.state.models = ModelDirectory(redis_client, settings.queue.prefix)
+        app.state.models = ModelDirectory.for_settings(redis_client, settings)
         app.state.access = Access(settings, redis_client, authenticator)
         stopping = asyncio.Event()
-        stats = asyncio.create_task(_refresh_stats(app.state.queue, metrics, stopping))
+        stats = asyncio.create_task(_refresh_stats(app.state.queue, app.state.models, metrics, stopping))
         try:
             yield
         finally:
@@ -119,7 +119,8 @@ def create_app(
             workers = await ready_workers(request.app.state.queue, request.app.state.redis, settings.queue.prefix)
         except Unavailable as err:
             return error_response(err)
-        return {"ready": True, "workers": len(workers), "models": sorted({w.get("model", "") for w in workers})}
+        models = sorted({f"{m.get('name')}:{m.get('version')}" for w in workers for m in w.get("models") or []})
+        return {"ready": True, "workers": len(workers), "models": models}
 
     app.include_router(rest.router)
     app.include_router(kserve.router)
@@ -135,16 +136,20 @@ def create_app(
     return app
 
 
-async def _refresh_stats(queue: JobQueue, metrics: Metrics, stopping: asyncio.Event) -> None:
-    """Stream gauges for /metrics and autoscalers, refreshed in the background (never per scrape)."""
+async def _refresh_stats(queue: JobQueue, models: ModelDirectory, metrics: Metrics, stopping: asyncio.Event) -> None:
+    """Stream gauges for /metrics and autoscalers, summed over the models' streams, refreshed in the background
+    (never per scrape)."""
     while not stopping.is_set():
         try:
-            stats = await queue.stats()
-            metrics.stream_length.set(stats.length)
-            metrics.stream_pending.set(stats.pending)
-            if stats.lag is not None:
-                metrics.stream_lag.set(stats.lag)
-            metrics.dead_letters.set(stats.dead_letters)
+            lanes = sorted({v.lane for v in await models.versions()})
+            every = [await queue.stats(lane) for lane in lanes]
+            metrics.stream_length.set(sum(s.length for s in every))
+            metrics.stream_pending.set(sum(s.pending for s in every))
+            lags = [s.lag for s in every if s.lag is not None]
+            if lags:
+                metrics.stream_lag.set(sum(lags))
+            if every:
+                metrics.dead_letters.set(every[0].dead_letters)
         except (ServiceError, RedisError, OSError):
             pass
         with contextlib.suppress(TimeoutError):

@@ -302,7 +302,14 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
         files = [(f"instance-{i.index + 1}.dcm", i.data) for i in members]
         try:
             job = await submit_upload(
-                queue, files, settings.limits, None, tenant=principal.tenant, source=API, deliver=deliver
+                queue,
+                request.app.state.models,
+                files,
+                settings.limits,
+                None,
+                tenant=principal.tenant,
+                source=API,
+                deliver=deliver,
             )
         except ServiceError as err:
             if err.http_status >= 500:

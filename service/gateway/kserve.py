@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException
 from service.auth import Principal
 from service.config import Settings
 from service.dataplane.jobs import failure, wait_or_delete
-from service.dataplane.models import ALIAS, SERVER_NAME, ModelDirectory, server_version
+from service.dataplane.models import SERVER_NAME, ModelDirectory, index_entry, server_version
 from service.dataplane.oip import INPUTS_METADATA, OUTPUTS_METADATA, PROPERTIES
 from service.dataplane.submit import submit_upload
 from service.errors import DeadlineExceeded, ServiceError
@@ -113,9 +113,19 @@ async def model_version_metadata(request: Request, model: str, version: str, pri
     return await _metadata(request, model, version)
 
 
+@router.get("/v2/models", summary="Repository index: every model version known, and whether it is ready")
+async def model_index(request: Request, principal: Caller) -> Response:
+    versions = await _models(request).versions()
+    return JSONResponse({"models": [index_entry(v) for v in versions]})
+
+
 async def _metadata(request: Request, model: str, version: str | None) -> Response:
     served = await _models(request).resolve(model, version)
     settings: Settings = request.app.state.settings
+    properties = {**PROPERTIES, "engine": settings.engine.kind}
+    if served.target is not None:
+        target = served.target  # the version a request would go to; properties are strings in the protocol
+        properties.update(version=target.version, digest=target.digest, ready=str(target.live).lower())
     return JSONResponse(
         {
             "name": served.name,
@@ -123,7 +133,7 @@ async def _metadata(request: Request, model: str, version: str | None) -> Respon
             "platform": "c2p-pipeline",
             "inputs": INPUTS_METADATA,
             "outputs": OUTPUTS_METADATA,
-            "properties": {**PROPERTIES, "engine": settings.engine.kind},
+            "properties": properties,
         }
     )
 
@@ -165,18 +175,20 @@ async def infer_version(request: Request, model: str, version: str, principal: C
 async def _infer(request: Request, principal: Principal, model: str, version: str | None) -> Response:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
-    if model != ALIAS or version is not None:
-        await _models(request).resolve(model, version, fresh=False)
+    await _models(request).route(model, version)  # an unknown model or version is refused before the body is read
     raw = await read_body(request, settings.limits)
     inference = await run_in_threadpool(parse_inference, raw, request.headers.get(HEADER_LENGTH), settings)
     del raw
     queue = JobQueue(request.app.state.redis, settings.queue)
     submitted = await submit_upload(
         queue,
+        _models(request),
         [inference.upload],
         settings.limits,
         inference.modality,
         tenant=principal.tenant,
+        model=model,
+        version=version,
         trace_parent=request.headers,
         layout=inference.layout,
     )

@@ -16,12 +16,14 @@ from starlette.concurrency import run_in_threadpool
 from service.access import Access
 from service.config import Settings
 from service.dataplane.jobs import failure
+from service.dataplane.models import ModelDirectory
 from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import InvalidRequest, ResultNotReady, ServiceError
 from service.gateway.identity import Caller, error_headers
 from service.gateway.uploads import read_files
 from service.outputs import formats as outputs
 from service.queue import JobQueue
+from service.repository import parse_reference
 from service.schema import ErrorInfo, Job
 
 API = "rest"
@@ -91,16 +93,31 @@ async def submit(
     principal: Caller,
     wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result")] = None,
     modality: Annotated[str | None, Query(description="modality hint for NIfTI/PNG/JPEG, e.g. CT, MR, US")] = None,
+    model: Annotated[
+        str | None,
+        Query(description="NAME or NAME:VERSION (see GET /v2/models); default: the default model's newest version"),
+    ] = None,
 ) -> Any:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     if wait is not None and wait > settings.queue.max_wait_s:
         raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
     hint = modality_hint(modality)
+    name, version = parse_reference(model) if model is not None else (None, None)
+    models: ModelDirectory = request.app.state.models
+    await models.route(name, version)  # an unknown model or version is refused before the upload is read
     files = await read_files(request, settings.limits)
     queue = queue_of(request)
     job = await submit_upload(
-        queue, files, settings.limits, hint, tenant=principal.tenant, trace_parent=request.headers
+        queue,
+        models,
+        files,
+        settings.limits,
+        hint,
+        tenant=principal.tenant,
+        model=name,
+        version=version,
+        trace_parent=request.headers,
     )
     del files
     await access_of(request).record("submit", principal, API, job.id)

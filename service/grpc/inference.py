@@ -41,7 +41,7 @@ from service.access import Access
 from service.auth import Authenticator
 from service.config import Settings
 from service.dataplane.jobs import failure, wait_or_delete
-from service.dataplane.models import ALIAS, SERVER_NAME, ModelDirectory, is_ready, server_version
+from service.dataplane.models import SERVER_NAME, ModelDirectory, is_ready, server_version
 from service.dataplane.oip import (
     DATATYPES,
     INPUT,
@@ -265,7 +265,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.access = access
         self.queue = JobQueue(client, settings.queue)
-        self.models = ModelDirectory(client, settings.queue.prefix)
+        self.models = ModelDirectory.for_settings(client, settings)
 
     # -- RPCs ------------------------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 served = await self.models.resolve(request.name, request.version or None)
             except ModelNotFound:
                 return inference_pb2.ModelReadyResponse(ready=False)
-            return inference_pb2.ModelReadyResponse(ready=bool(served.versions))
+            return inference_pb2.ModelReadyResponse(ready=served.target is not None and served.target.live)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with self._errors(context):
@@ -311,15 +311,18 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         async with self._errors(context) as call:
             principal = await caller(context, self.access, API)
-            if request.model_name != ALIAS or request.model_version:
-                await self.models.resolve(request.model_name, request.model_version or None, fresh=False)
+            version = request.model_version or None
+            await self.models.route(request.model_name, version)  # unknown: NOT_FOUND before the tensor is parsed
             inference = await asyncio.to_thread(parse_request, request, self.settings)
             submitted = await submit_upload(
                 self.queue,
+                self.models,
                 [inference.upload],
                 self.settings.limits,
                 inference.modality,
                 tenant=principal.tenant,
+                model=request.model_name,
+                version=version,
                 trace_parent=trace_headers(context),
                 layout=inference.layout,
             )

@@ -21,6 +21,7 @@ import grpc
 from service.access import Access
 from service.auth import Principal
 from service.config import GrpcSettings, Settings
+from service.dataplane.models import ModelDirectory
 from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
@@ -29,6 +30,7 @@ from service.grpc.convert import job_to_proto
 from service.inputs import Upload
 from service.ops.metrics import Metrics
 from service.queue import TERMINAL, JobQueue
+from service.repository import parse_reference
 from service.schema import Job
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,17 @@ DEADLINE_MARGIN_S = 0.1
 
 class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
     def __init__(
-        self, settings: Settings, queue: JobQueue, metrics: Metrics, config: GrpcSettings, access: Access
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        models: ModelDirectory,
+        metrics: Metrics,
+        config: GrpcSettings,
+        access: Access,
     ) -> None:
         self.settings = settings
         self.queue = queue
+        self.models = models
         self.metrics = metrics
         self.config = config
         self.access = access
@@ -55,13 +64,14 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             files = [(f.name, f.data) for f in request.files]
             _check_files(files, self.settings)
             modality = request.modality if request.HasField("modality") else None
-            return await self._segment(principal, files, modality, request.wait_seconds, context)
+            model = request.model if request.HasField("model") else None
+            return await self._segment(principal, files, modality, model, request.wait_seconds, context)
 
     async def SegmentStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
             principal = await caller(context, self.access)  # before a byte of the upload is read
-            files, modality, wait_s = await self._receive(request_iterator)
-            return await self._segment(principal, files, modality, wait_s, context)
+            files, modality, model, wait_s = await self._receive(request_iterator)
+            return await self._segment(principal, files, modality, model, wait_s, context)
 
     async def GetSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
@@ -99,6 +109,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         principal: Principal,
         files: list[Upload],
         modality: str | None,
+        model: str | None,
         wait_s: float,
         context: grpc.aio.ServicerContext,
     ) -> Any:
@@ -107,8 +118,17 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
         hint = modality_hint(modality)
+        name, version = parse_reference(model) if model is not None else (None, None)
         job = await submit_upload(
-            self.queue, files, self.settings.limits, hint, tenant=principal.tenant, trace_parent=trace_headers(context)
+            self.queue,
+            self.models,
+            files,
+            self.settings.limits,
+            hint,
+            tenant=principal.tenant,
+            model=name,
+            version=version,
+            trace_parent=trace_headers(context),
         )
         del files
         await self.access.record("submit", principal, API, job.id)
@@ -162,7 +182,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             log.warning("could not delete abandoned job %s: %s", job_id, err.message)
             return False
 
-    async def _receive(self, chunks: AsyncIterator[Any]) -> tuple[list[Upload], str | None, float]:
+    async def _receive(self, chunks: AsyncIterator[Any]) -> tuple[list[Upload], str | None, str | None, float]:
         """The files of a chunked upload, with the limits enforced as chunks arrive, not after."""
         limits = self.settings.limits
         files: list[Upload] = []
@@ -170,11 +190,13 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         name: str | None = None  # the file being received; None between files
         received = 0
         modality: str | None = None
+        model: str | None = None
         wait_s = 0.0
         first = True
         async for chunk in chunks:
             if first:
                 modality = chunk.modality if chunk.HasField("modality") else None
+                model = chunk.model if chunk.HasField("model") else None
                 wait_s = chunk.wait_seconds
                 first = False
             if name is None:
@@ -198,7 +220,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             raise InvalidRequest(f"the upload ended inside {name!r}: a file's final chunk must have last set")
         if not files:
             raise InvalidRequest("no file in the upload")
-        return files, modality, wait_s
+        return files, modality, model, wait_s
 
 
 def _check_files(files: Sequence[Upload], settings: Settings) -> None:

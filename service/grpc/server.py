@@ -25,7 +25,7 @@ from service.access import Access
 from service.auth import Authenticator
 from service.config import GrpcSettings, Settings
 from service.dataplane.jobs import stop_task
-from service.dataplane.models import is_ready
+from service.dataplane.models import ModelDirectory, is_ready
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
 from service.grpc.calls import Registration, RpcNames
 from service.grpc.segmentation import SegmentationService
@@ -81,7 +81,15 @@ def build_server(
     queue = JobQueue(client, settings.queue)
 
     segmentation_pb2_grpc.add_SegmentationServicer_to_server(
-        SegmentationService(settings, queue, metrics, config, Access(settings, client, authenticator)), server
+        SegmentationService(
+            settings,
+            queue,
+            ModelDirectory.for_settings(client, settings),
+            metrics,
+            config,
+            Access(settings, client, authenticator),
+        ),
+        server,
     )
     for registration in services:
         registration.add(server)

@@ -33,8 +33,9 @@ end
 """
 
 # KEYS: stream, record, payload, tenants. ARGV: max_pending, job_id, now, meta, record_ttl, tenant, tenant_max
-# (0: no per-tenant cap). Returns the entry id, or 0 (queue full) / 1 (the tenant's quota full). The checks and the
-# XADD are one atomic step, so concurrent submits cannot overshoot either cap.
+# (0: no per-tenant cap), lane (the stream's, kept in the record so a delete finds the entry). Returns the entry
+# id, or 0 (queue full) / 1 (the tenant's quota full). The checks and the XADD are one atomic step, so concurrent
+# submits cannot overshoot either cap.
 _SUBMIT = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[3])
@@ -46,7 +47,7 @@ if quota > 0 and tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0') >= quota 
   return 1
 end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'created_at', ARGV[3], 'updated_at', ARGV[3],
-           'deliveries', 0, 'meta', ARGV[4], 'tenant', ARGV[6])
+           'deliveries', 0, 'meta', ARGV[4], 'tenant', ARGV[6], 'lane', ARGV[8])
 local id = redis.call('XADD', KEYS[1], '*', 'job_id', ARGV[2], 'tenant', ARGV[6])
 redis.call('HSET', KEYS[2], 'stream_id', id)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -69,8 +70,8 @@ class Admission:
 
     @redis_errors
     async def submit(self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any], *, tenant: str) -> Job:
-        """Store the upload and enqueue it for ``tenant``; QueueFull when ``max_pending`` jobs are queued or running,
-        or the tenant's quota of them."""
+        """Store the upload and enqueue it for ``tenant``; QueueFull when ``max_pending`` jobs are queued or running
+        for this model (its lane), or the tenant's quota of them over all models."""
         settings, keys = self._settings, self._keys
         quota = self.tenant_quota(tenant)
         retry, after = f"retry in {settings.retry_after_s} s", settings.retry_after_s
@@ -92,7 +93,7 @@ class Admission:
         await self._blobs.store_packed(keys.payload_key(job_id), files, settings.payload_ttl_s)
         entry = await self._submit(
             keys=[keys.stream, keys.record_key(job_id), keys.payload_key(job_id), keys.tenants],
-            args=[settings.max_pending, job_id, stamp, meta_json, keys.record_ttl, tenant, quota or 0],
+            args=[settings.max_pending, job_id, stamp, meta_json, keys.record_ttl, tenant, quota or 0, keys.lane],
         )
         if entry == 0:
             raise full

@@ -20,7 +20,7 @@ from service.queue.connection import ping
 from service.queue.dead_letters import DeadLetters
 from service.queue.endings import Endings
 from service.queue.keys import QueueKeys
-from service.queue.leases import Delivery, Leases
+from service.queue.leases import Delivery, Leases, read_lanes
 from service.queue.records import Records
 from service.queue.recovery import Recovery
 from service.queue.stream import QueueStats, Stream
@@ -33,11 +33,16 @@ class JobQueue(QueueKeys):
     Gateway side: ``Admission`` (submit), ``Records`` (get, wait, delete), ``Blobs`` (kept outputs). Worker side:
     ``Leases`` (read, heartbeat, release), ``Blobs`` (the upload), ``Endings`` (complete, fail), ``DeadLetters``
     (note_error), ``Recovery`` (reclaim). ``Stream`` creates and measures the group. The key names are inherited.
+
+    Every model artifact has its own stream (its lane, service.queue.keys); what touches a stream needs a queue bound
+    to that lane (``for_lane``), everything keyed by job id works on any.
     """
 
-    def __init__(self, client: aioredis.Redis, settings: QueueSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, client: aioredis.Redis, settings: QueueSettings, lane: str | None = None) -> None:
+        super().__init__(settings, lane)
         self._client = client
+        self._lanes: dict[str, JobQueue] = {}
+        self._group_made = False
         self.settings = settings
         self._stream = Stream(client, self)
         self._blobs = Blobs(client, settings, self)
@@ -48,6 +53,14 @@ class JobQueue(QueueKeys):
         self._dead_letters = DeadLetters(client, settings, self, self._endings)
         self._recovery = Recovery(client, settings, self, self._stream, self._leases, self._dead_letters)
 
+    def for_lane(self, lane: str) -> JobQueue:
+        """This queue bound to ``lane``'s stream (one object per lane, kept: its scripts are registered once)."""
+        if lane == self.lane:
+            return self
+        if lane not in self._lanes:
+            self._lanes[lane] = JobQueue(self._client, self.settings, lane)
+        return self._lanes[lane]
+
     # -- gateway side ------------------------------------------------------------------------------
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
@@ -56,8 +69,15 @@ class JobQueue(QueueKeys):
     def tenant_quota(self, tenant: str) -> int | None:
         return self._admission.tenant_quota(tenant)
 
-    async def submit(self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any], *, tenant: str) -> Job:
-        return await self._admission.submit(files, meta, tenant=tenant)
+    async def submit(
+        self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any], *, tenant: str, lane: str | None = None
+    ) -> Job:
+        """Into ``lane``'s stream (the model the job is for); a bound queue's own lane by default."""
+        queue = self if lane is None else self.for_lane(lane)
+        if not queue._group_made:  # before the first job: an autoscaler reads the group's lag with no worker up
+            await queue.ensure_group()
+            queue._group_made = True
+        return await queue._admission.submit(files, meta, tenant=tenant)
 
     async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         return await self._records.get(job_id, tenant=tenant)
@@ -74,16 +94,21 @@ class JobQueue(QueueKeys):
     async def wait(self, job_id: str, timeout_s: float, *, tenant: str | None = None) -> Job:
         return await self._records.wait(job_id, timeout_s, tenant=tenant)
 
-    async def stats(self) -> QueueStats:
-        return await self._stream.stats()
+    async def stats(self, lane: str | None = None) -> QueueStats:
+        queue = self if lane is None else self.for_lane(lane)
+        return await queue._stream.stats()
 
     # -- worker side -------------------------------------------------------------------------------
 
     async def ensure_group(self) -> None:
         await self._stream.ensure_group()
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        return await self._leases.read(consumer, count, block_ms)
+    async def read(
+        self, consumer: str, count: int, block_ms: int, lanes: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """New entries from ``lanes`` (default: this queue's own), at most ``count`` over all of them."""
+        queues = [self] if lanes is None else [self.for_lane(lane) for lane in lanes]
+        return await read_lanes([q._leases for q in queues], consumer, count, block_ms)
 
     async def reclaim(self, consumer: str, count: int = 16) -> list[Delivery]:
         return await self._recovery.reclaim(consumer, count)

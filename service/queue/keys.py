@@ -3,7 +3,8 @@
 Why one module: the Lua scripts, the gateway's reads and the worker's writes must agree on every name and
 lifetime, and a job id reaches a key name only after it is checked here. Keys under ``settings.prefix`` (``p``)::
 
-    {p}:jobs          stream of {job_id}; consumer group {p}:workers; an entry lives until its job ends
+    {p}:jobs:{lane}   one stream of {job_id} per model artifact, the lane being the first 12 hex digits of its
+                      digest; consumer group {p}:workers on each; an entry lives until its job ends
     {p}:dead          dead-letter stream (approximate MAXLEN 10000)
     {p}:job:{id}      record hash: status, created_at, updated_at, deliveries, meta, stream_id, ...
     {p}:payload:{id}  the packed upload (service.queue.payload), TTL payload_ttl_s, deleted when the job ends
@@ -29,6 +30,17 @@ from service.errors import JobNotFound
 # before it reaches a key name.
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 DEAD_LETTER_MAXLEN = 10_000
+# A lane is the first 12 hex digits of a model artifact's sha256: two artifacts never share a stream, and a worker
+# reads only the streams of the models it has loaded.
+LANE_DIGITS = 12
+LANE_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def lane_of(digest: str) -> str:
+    lane = str(digest)[:LANE_DIGITS]
+    if not LANE_RE.fullmatch(lane):
+        raise ValueError(f"an artifact digest starts with {LANE_DIGITS} lowercase hex digits, got {digest!r}")
+    return lane
 
 
 def new_job_id() -> str:
@@ -46,16 +58,30 @@ def now() -> str:
 
 
 class QueueKeys:
-    """The names under ``settings.prefix`` and the record's lifetime."""
+    """The names under ``settings.prefix`` and the record's lifetime; ``lane`` binds the keys to one model's stream.
 
-    def __init__(self, settings: QueueSettings) -> None:
+    Records, payloads and results are keyed by job id alone; only the stream and its group belong to a lane, so a
+    queue object not bound to one can do everything except touch a stream."""
+
+    def __init__(self, settings: QueueSettings, lane: str | None = None) -> None:
         p = settings.prefix
-        self.stream = f"{p}:jobs"
+        if lane is not None:
+            lane_of(lane)
+        self.lane = lane
         self.group = f"{p}:workers"
         self.dead = f"{p}:dead"
         self.tenants = f"{p}:tenants"
         self._prefix = p
         self.record_ttl = settings.result_ttl_s + settings.payload_ttl_s
+
+    def stream_of(self, lane: str) -> str:
+        return f"{self._prefix}:jobs:{lane_of(lane)}"
+
+    @property
+    def stream(self) -> str:
+        if self.lane is None:
+            raise RuntimeError("this queue is not bound to a model's lane: use JobQueue.for_lane(lane)")
+        return self.stream_of(self.lane)
 
     def record_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"

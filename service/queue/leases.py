@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from service.config import QueueSettings
 from service.queue.admission import RELEASE_SLOT_LUA
@@ -27,6 +28,7 @@ class Delivery:
     entry_id: str
     deliveries: int  # how many times this entry has been delivered, including this one
     meta: dict[str, Any]
+    lane: str = ""  # the stream it came from: the model it is for (service.queue.keys)
 
 
 # KEYS: stream, record, payload, tenants. ARGV: group, entry_id, consumer, deliveries, now, record_ttl, channel,
@@ -147,40 +149,12 @@ class Leases:
             parsed = json.loads(meta)
         except ValueError:
             parsed = {}
-        return Delivery(job_id=job_id, entry_id=entry_id, deliveries=deliveries, meta=parsed)
+        return Delivery(job_id=job_id, entry_id=entry_id, deliveries=deliveries, meta=parsed, lane=keys.lane or "")
 
     @redis_errors
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """New entries for ``consumer``; ``block_ms`` <= 0 returns at once (Redis reads BLOCK 0 as forever).
-
-        The client's socket timeout must exceed ``block_ms``.
-        """
-        keys = self._keys
-        block = block_ms if block_ms > 0 else None
-        response = await self._stream.with_group(
-            lambda: self._client.xreadgroup(keys.group, consumer, {keys.stream: ">"}, count=count, block=block)
-        )
-        entries: list[tuple[Any, Any]] = []
-        streams = response.items() if isinstance(response, dict) else (response or [])
-        for item in streams:
-            _, stream_entries = item
-            if isinstance(stream_entries, list) and stream_entries and isinstance(stream_entries[0], list):
-                stream_entries = stream_entries[0]  # RESP3 maps a stream to [entries]
-            entries.extend(stream_entries or [])
-        deliveries: list[Delivery] = []
-        for raw_id, fields in entries:
-            entry_id = text(raw_id)
-            assert entry_id is not None
-            fields = fields or {}
-            job_id = text(fields.get(b"job_id") or fields.get("job_id"))
-            tenant = text(fields.get(b"tenant") or fields.get("tenant")) or ""
-            if not job_id or not JOB_ID_RE.fullmatch(job_id):
-                await self._stream.drop_entry(entry_id)  # not written by submit(): nothing to run
-                continue
-            delivery = await self.begin(consumer, entry_id, job_id, 1, tenant)
-            if delivery is not None:
-                deliveries.append(delivery)
-        return deliveries
+        """New entries of this lane for ``consumer`` (``read_lanes`` with one lane)."""
+        return await read_lanes([self], consumer, count, block_ms)
 
     @redis_errors
     async def heartbeat(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
@@ -209,3 +183,44 @@ class Leases:
     async def forget_consumer(self, consumer: str) -> bool:
         """XGROUP DELCONSUMER after release() on scale-down, unless it still owns entries (they would be lost)."""
         return bool(await self._forget_consumer(keys=[self._keys.stream], args=[self._keys.group, consumer]))
+
+
+@redis_errors
+async def read_lanes(lanes: Sequence[Leases], consumer: str, count: int, block_ms: int) -> list[Delivery]:
+    """New entries for ``consumer`` from the streams of several lanes in one XREADGROUP, at most ``count`` in all, so
+    a worker holding several models blocks once and never takes more jobs than it has room for. ``block_ms`` <= 0
+    returns at once (Redis reads BLOCK 0 as forever); the client's socket timeout must exceed ``block_ms``."""
+    if not lanes:
+        return []
+    by_stream = {lease._keys.stream: lease for lease in lanes}
+    client, group = lanes[0]._client, lanes[0]._keys.group
+    block = block_ms if block_ms > 0 else None
+    try:
+        response = await client.xreadgroup(group, consumer, dict.fromkeys(by_stream, ">"), count=count, block=block)
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        for lease in lanes:  # a Redis restarted without persistence lost the groups: make them, read again
+            await lease._stream.ensure_group()
+        response = await client.xreadgroup(group, consumer, dict.fromkeys(by_stream, ">"), count=count, block=block)
+    deliveries: list[Delivery] = []
+    streams = response.items() if isinstance(response, dict) else (response or [])
+    for raw_stream, stream_entries in streams:
+        lease = by_stream.get(text(raw_stream) or "")
+        if lease is None:
+            continue
+        if isinstance(stream_entries, list) and stream_entries and isinstance(stream_entries[0], list):
+            stream_entries = stream_entries[0]  # RESP3 maps a stream to [entries]
+        for raw_id, fields in stream_entries or []:
+            entry_id = text(raw_id)
+            assert entry_id is not None
+            fields = fields or {}
+            job_id = text(fields.get(b"job_id") or fields.get("job_id"))
+            tenant = text(fields.get(b"tenant") or fields.get("tenant")) or ""
+            if not job_id or not JOB_ID_RE.fullmatch(job_id):
+                await lease._stream.drop_entry(entry_id)  # not written by submit(): nothing to run
+                continue
+            delivery = await lease.begin(consumer, entry_id, job_id, 1, tenant)
+            if delivery is not None:
+                deliveries.append(delivery)
+    return deliveries

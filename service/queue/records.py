@@ -165,10 +165,14 @@ class Records:
 
     async def _delete_when(self, job_id: str, status: str, tenant: str | None) -> int:
         keys = self._keys
+        # The entry is in the stream of the job's model; a job's lane never changes, so reading it first is no race.
+        lane = text(await self._client.hget(keys.record_key(job_id), "lane"))
+        if not lane:
+            return 0
         return int(
             await self._delete(
                 keys=[
-                    keys.stream,
+                    keys.stream_of(lane),
                     keys.record_key(job_id),
                     keys.payload_key(job_id),
                     keys.result_key(job_id),

@@ -16,7 +16,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -34,6 +36,7 @@ from service.schema import SegmentationResult
 from service.worker.batcher import DynamicBatcher
 from service.worker.engine import Engine
 from service.worker.pipeline import Pipeline
+from service.worker.served import LoadedModel, served_as
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +45,46 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One loaded model and what serves it: its stream's queue, its batcher (batches never mix models), its pipeline."""
+
+    model: LoadedModel
+    queue: JobQueue
+    batcher: DynamicBatcher
+    pipeline: Pipeline
+
+
 class Worker:
+    """``models``: one engine (served as the default model) or the models ``served.load_models`` loaded."""
+
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        models: Engine | Sequence[LoadedModel],
         client: aioredis.Redis,
         metrics: Metrics | None = None,
         consumer: str | None = None,
     ) -> None:
         self.settings = settings
-        self.engine = engine
         self.client = client
         self.metrics = metrics or Metrics()
         self.consumer = consumer or consumer_name()
-        self.queue = JobQueue(client, settings.queue)
+        self.queue = JobQueue(client, settings.queue)  # for what is keyed by job id: payloads, outputs, records
         self.executor = ThreadPoolExecutor(settings.worker.decode_threads, thread_name_prefix="c2p-decode")
-        self.batcher = DynamicBatcher(
-            self._run_batch, settings.engine.max_batch_size, settings.worker.max_queue_delay_ms
-        )
-        self.pipeline = Pipeline(engine, settings, self.executor, self.batcher)
+        loaded = list(models) if isinstance(models, Sequence) else [served_as(models)]
+        if not loaded:
+            raise ValueError("a worker needs at least one model")
+        self.lanes: dict[str, Lane] = {}
+        for model in loaded:
+            batcher = DynamicBatcher(
+                self._batch_runner(model.engine), settings.engine.max_batch_size, settings.worker.max_queue_delay_ms
+            )
+            pipeline = Pipeline(model.engine, settings, self.executor, batcher, model.name, model.version)
+            self.lanes[model.lane] = Lane(model, self.queue.for_lane(model.lane), batcher, pipeline)
+        first = next(iter(self.lanes.values()))
+        # The first model's parts, for the common case of one model (tests, ``c2p serve`` without a repository).
+        self.engine, self.pipeline, self.batcher = first.model.engine, first.pipeline, first.batcher
         self.forwarder = (
             Forwarder(settings.dicomweb, self.queue, self.metrics) if settings.dicomweb.destination_url else None
         )
@@ -70,14 +93,20 @@ class Worker:
         self.closed = asyncio.Event()  # jobs drained: background loops end
         self.ready = asyncio.Event()
 
-    def _run_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        outputs = self.engine.run(images)
-        self.metrics.compute_duration.observe(time.perf_counter() - start)
-        self.metrics.execution_count.inc()
-        self.metrics.inference_count.inc(len(images))
-        self.metrics.batch_size.observe(len(images))
-        return outputs
+    def _batch_runner(self, engine: Engine) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        def run_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+            start = time.perf_counter()
+            outputs = engine.run(images)
+            self.metrics.compute_duration.observe(time.perf_counter() - start)
+            self.metrics.execution_count.inc()
+            self.metrics.inference_count.inc(len(images))
+            self.metrics.batch_size.observe(len(images))
+            return outputs
+
+        return run_batch
+
+    def _lane(self, delivery: Delivery) -> JobQueue:
+        return self.lanes[delivery.lane].queue
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal handler via the loop)."""
@@ -86,18 +115,21 @@ class Worker:
     def _announcement(self) -> dict[str, object]:
         return {
             "consumer": self.consumer,
-            "model": self.pipeline.model.name,
-            "digest": self.pipeline.model.digest,
+            "models": [lane.model.announcement() for lane in self.lanes.values()],
             "device": self.engine.device,
             "warm": True,
         }
 
     async def run(self) -> None:
-        await self.queue.ensure_group()
+        for lane in self.lanes.values():
+            await lane.queue.ensure_group()
         ttl = 3 * self.settings.worker.heartbeat_s
-        await presence.announce(self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl)
+        prefix = self.settings.queue.prefix
+        await presence.register(self.client, prefix, [lane.model.announcement() for lane in self.lanes.values()])
+        await presence.announce(self.client, prefix, self.consumer, self._announcement(), ttl)
         self.ready.set()
-        log.info("worker %s ready (model %s on %s)", self.consumer, self.pipeline.model.name, self.engine.device)
+        names = ", ".join(f"{lane.model.name}:{lane.model.version}" for lane in self.lanes.values())
+        log.info("worker %s ready (models %s on %s)", self.consumer, names, self.engine.device)
         background = [
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._janitor(), name="janitor"),
@@ -115,7 +147,8 @@ class Worker:
                 task.cancel()
             with contextlib.suppress(RedisError):
                 await presence.withdraw(self.client, self.settings.queue.prefix, self.consumer)
-            await self.batcher.close()
+            for lane in self.lanes.values():
+                await lane.batcher.close()
             if self.forwarder is not None:
                 await self.forwarder.close(self.settings.worker.drain_timeout_s)
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -129,7 +162,7 @@ class Worker:
                 await self._wait_for_slot()
                 continue
             try:
-                deliveries = await self.queue.read(self.consumer, free, block_ms=500)
+                deliveries = await self.queue.read(self.consumer, free, block_ms=500, lanes=list(self.lanes))
                 backoff = 0.1
             except (RedisError, ServiceError, OSError) as err:
                 log.warning("cannot read the job stream (%s); retrying in %.1f s", type(err).__name__, backoff)
@@ -180,7 +213,8 @@ class Worker:
         self.metrics.queue_duration.observe(queued_ms / 1000)
         try:
             files = await self.queue.payload(delivery, self.settings.limits.max_upload_bytes)
-            segmentation = await self.pipeline.run(files, delivery.meta.get("modality_hint"), queued_ms=queued_ms)
+            pipeline = self.lanes[delivery.lane].pipeline
+            segmentation = await pipeline.run(files, delivery.meta.get("modality_hint"), queued_ms=queued_ms)
             timings = segmentation.result.timings
             self.metrics.decode_duration.observe(timings.decode_ms / 1000)
             self.metrics.infer_duration.observe(timings.inference_ms / 1000)
@@ -194,7 +228,7 @@ class Worker:
                 if self.settings.worker.deidentify:
                     kept = await asyncio.to_thread(outputs.deidentified, members, segmentation.volume)
                 await self.queue.store_outputs(delivery.job_id, kept)
-            stored = await self.queue.complete(delivery, segmentation.result.model_dump_json())
+            stored = await self._lane(delivery).complete(delivery, segmentation.result.model_dump_json())
             self.metrics.jobs.labels("succeeded" if stored else "duplicate").inc()
             if not stored and self.settings.worker.keep_outputs:
                 await self._drop_outputs_if_deleted(delivery.job_id)
@@ -202,13 +236,13 @@ class Worker:
                 await self._forward(delivery.job_id, segmentation.result, dict(members))
         except JobNotFound:
             # Deleted by its owner or expired while queued: there is nobody to answer.
-            await self.queue.fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
+            await self._lane(delivery).fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
             self.metrics.jobs.labels("expired").inc()
         except Unavailable:
             raise
         except ServiceError as err:
             if err.http_status < 500:
-                await self.queue.fail(delivery, err)
+                await self._lane(delivery).fail(delivery, err)
                 self.metrics.jobs.labels("failed").inc()
                 log.info("job %s failed: %s", delivery.job_id, err.code)
             else:
@@ -239,8 +273,8 @@ class Worker:
 
     async def _hand_back(self, delivery: Delivery, code: str, message: str) -> None:
         try:
-            await self.queue.note_error(delivery, code, message[:500])
-            await self.queue.release(self.consumer, [delivery])
+            await self._lane(delivery).note_error(delivery, code, message[:500])
+            await self._lane(delivery).release(self.consumer, [delivery])
         except (RedisError, ServiceError, OSError):
             log.warning("job %s: cannot hand back; the janitor will reclaim it after the deadline", delivery.job_id)
         self.metrics.jobs.labels("released").inc()
@@ -256,9 +290,8 @@ class Worker:
                 await presence.announce(
                     self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl
                 )
-                live = [d for d, _ in self.in_flight.values()]
-                if live:
-                    await self.queue.heartbeat(self.consumer, live)
+                for lane, live in self._by_lane([d for d, _ in self.in_flight.values()]).items():
+                    await lane.heartbeat(self.consumer, live)
             except (RedisError, ServiceError, OSError) as err:
                 log.warning("heartbeat failed (%s)", type(err).__name__)
 
@@ -270,11 +303,12 @@ class Worker:
             free = self.settings.worker.concurrency - len(self.in_flight)
             if free <= 0:
                 continue
-            try:
-                reclaimed = await self.queue.reclaim(self.consumer, count=free)
-            except (RedisError, ServiceError, OSError) as err:
-                log.warning("janitor failed (%s)", type(err).__name__)
-                continue
+            reclaimed: list[Delivery] = []
+            for lane in self.lanes.values():
+                try:
+                    reclaimed += await lane.queue.reclaim(self.consumer, count=max(0, free - len(reclaimed)))
+                except (RedisError, ServiceError, OSError) as err:
+                    log.warning("janitor failed on %s (%s)", lane.model.name, type(err).__name__)
             for delivery in reclaimed:
                 log.info("job %s reclaimed (delivery %d)", delivery.job_id, delivery.deliveries)
                 self.metrics.redeliveries.inc()
@@ -293,10 +327,17 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         try:
-            await self.queue.release(self.consumer, unfinished)
+            for lane, deliveries in self._by_lane(unfinished).items():
+                await lane.release(self.consumer, deliveries)
             log.info("handed back %d unfinished job(s)", len(unfinished))
         except (RedisError, ServiceError, OSError):
             log.warning("could not hand back %d job(s); the janitor will reclaim them", len(unfinished))
+
+    def _by_lane(self, deliveries: Sequence[Delivery]) -> dict[JobQueue, list[Delivery]]:
+        grouped: dict[JobQueue, list[Delivery]] = {}
+        for delivery in deliveries:
+            grouped.setdefault(self._lane(delivery), []).append(delivery)
+        return grouped
 
 
 def _queued_ms(delivery: Delivery) -> float:

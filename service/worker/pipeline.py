@@ -48,24 +48,33 @@ class Segmentation:
     volume: Volume
 
 
-def model_info(engine: Engine, kind: str) -> ModelInfo:
+def model_info(engine: Engine, kind: str, name: str | None = None, version: str | None = None) -> ModelInfo:
+    """What a result says of its model: the name and version it was asked for by (a repository's, or the variant and
+    the artifact digest's first 12 digits) and the digest of the artifact that ran."""
     card = engine.artifact.card
-    weights = card.get("weights", {})
     return ModelInfo(
-        name=card["variant"],
-        version=str(weights.get("sha256", engine.artifact.digest))[:12],
+        name=name or card["variant"],
+        version=version or engine.artifact.digest[:12],
         digest=engine.artifact.digest,
         engine=kind,
     )
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, settings: Settings, executor: Executor, batcher: DynamicBatcher) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        executor: Executor,
+        batcher: DynamicBatcher,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.executor = executor
         self.batcher = batcher
-        self.model = model_info(engine, settings.engine.kind)
+        self.model = model_info(engine, settings.engine.kind, name, version)
         self.size = engine.artifact.input_size
         self.mean = engine.artifact.card["input"]["mean"]
         self.std = engine.artifact.card["input"]["std"]

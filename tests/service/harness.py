@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 from service.config import EngineSettings, QueueSettings, Settings, WorkerSettings
 from service.gateway.app import create_app
 from service.ops.metrics import Metrics
+from service.queue.keys import lane_of
 from service.worker.consumer import Worker
 from service.worker.engine import Engine, load_engine
 
@@ -31,6 +33,12 @@ def engine_for(exported: Path) -> Engine:
     if exported not in _ENGINES:
         _ENGINES[exported] = load_engine(exported, EngineSettings(max_batch_size=8, intra_op_threads=1))
     return _ENGINES[exported]
+
+
+def lane_for(exported: Path) -> str:
+    """The stream lane jobs for the model in ``exported`` go to (the first 12 hex digits of its artifact digest)."""
+    card = json.loads((exported / "card.json").read_text())
+    return lane_of(card["artifacts"]["model.onnx"]["sha256"])
 
 
 def make_settings(redis_url: str, queue: QueueSettings, exported: Path, **worker: object) -> Settings:

@@ -111,9 +111,9 @@ def test_stow_rs_stores_series_as_jobs_and_reports_failures(
 
 
 def test_stow_rs_limits_refuse_a_series_with_out_of_resources(
-    redis_url: str, queue_settings: QueueSettings, tmp_path: Path
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, tmp_path)
+    settings = make_settings(redis_url, queue_settings, exported)
     settings.limits = settings.limits.model_copy(update={"max_slices": 2})
     ct = [data for _, data in ct_series()[0]]
 

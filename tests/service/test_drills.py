@@ -45,7 +45,7 @@ from service.config import QueueSettings
 from service.queue import JobQueue
 from service.queue.redis_server import RedisStartError
 from service.schema import Job
-from tests.service.harness import disc_image, free_port, png_bytes
+from tests.service.harness import disc_image, free_port, lane_for, png_bytes
 from tests.service.test_processes import start_worker, volume_upload, worker_env
 
 pytestmark = pytest.mark.slow
@@ -62,6 +62,7 @@ class Service:
     gateway: subprocess.Popen[bytes]
     workers: list[subprocess.Popen[bytes]]  # the live ones: a drill that kills one removes it
     logs: Path
+    lane: str  # the model's stream (service.queue.keys)
 
     def logs_text(self) -> str:
         return "\n".join(
@@ -111,7 +112,7 @@ def service(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = worker_env(redis.url, PREFIX)  # job deadline 1.5 s, janitor and heartbeat every 0.3 s
     gateway, base = start_gateway(exported, env, logs / "gateway.log")
     workers = [start_worker(exported, env, logs / f"worker-{i}.log") for i in range(2)]
-    running = Service(redis, base, gateway, workers, logs)
+    running = Service(redis, base, gateway, workers, logs, lane_for(exported))
     try:
         asyncio.run(wait_ready(running))
         yield running
@@ -221,7 +222,7 @@ def test_a_worker_killed_under_load_loses_nothing_and_answers_nothing_twice(serv
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(service.redis.url)
-        queue = JobQueue(client, QueueSettings(prefix=PREFIX))
+        queue = JobQueue(client, QueueSettings(prefix=PREFIX), lane=service.lane)
         endings: Counter[str] = Counter()
         subscribed = asyncio.Event()
         listener = asyncio.create_task(count_endings(client, endings, subscribed))
@@ -278,7 +279,7 @@ async def submit_in_flight(service: Service, http: httpx.AsyncClient, jobs: int)
     job_ids = [a.json()["id"] for a in answers]
     client = aioredis.Redis.from_url(service.redis.url)
     try:
-        queue = JobQueue(client, QueueSettings(prefix=PREFIX))
+        queue = JobQueue(client, QueueSettings(prefix=PREFIX), lane=service.lane)
         while (await queue.get(job_ids[0])).status == "queued":
             await asyncio.sleep(0.02)
         statuses = Counter([(await queue.get(j)).status for j in job_ids])
@@ -292,7 +293,7 @@ async def ended_jobs(service: Service, job_ids: list[str]) -> list[Job]:
     """The jobs once all have ended (60 s at most), each succeeded; Redis left with nothing queued or pending."""
     client = aioredis.Redis.from_url(service.redis.url)
     try:
-        queue = JobQueue(client, QueueSettings(prefix=PREFIX))
+        queue = JobQueue(client, QueueSettings(prefix=PREFIX), lane=service.lane)
         statuses = await wait_ended(queue, job_ids, 60)
         assert Counter(statuses.values()) == {"succeeded": len(job_ids)}, (statuses, service.logs_text())
         stats = await queue.stats()

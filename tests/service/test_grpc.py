@@ -28,7 +28,7 @@ from service.outputs import rle
 from service.queue import JobQueue
 from service.worker.consumer import Worker
 from service.worker.engine import Engine
-from tests.service.harness import disc_image, engine_for, make_settings, png_bytes
+from tests.service.harness import disc_image, engine_for, lane_for, make_settings, png_bytes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -105,7 +105,7 @@ async def serving(
         channel,
         segmentation_pb2_grpc.SegmentationStub(channel),
         client,
-        JobQueue(client, settings.queue),
+        JobQueue(client, settings.queue, lane=lane_for(Path(settings.model))),
         metrics,
     )
     try:
@@ -255,9 +255,9 @@ def test_health_and_watch_follow_the_worker(redis_url: str, queue_settings: Queu
 
 
 def test_bad_input_and_limits_map_to_status_codes(
-    redis_url: str, queue_settings: QueueSettings, tmp_path: Path
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, tmp_path)  # no worker: no model needed
+    settings = make_settings(redis_url, queue_settings, exported)  # no worker: the gateway routes by the model's card
     settings.limits = LimitSettings(max_upload_bytes=20_000, max_files=3)
     config = FAST.model_copy(update={"max_receive_message_bytes": 64 * 1024})
 
@@ -325,9 +325,9 @@ async def _no_jobs_left(s: Serving, timeout_s: float = 5) -> None:
 
 
 def test_a_caller_that_gives_up_takes_its_queued_job_with_it(
-    redis_url: str, queue_settings: QueueSettings, tmp_path: Path
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, tmp_path)  # no worker: no model needed
+    settings = make_settings(redis_url, queue_settings, exported)  # no worker: the gateway routes by the model's card
 
     async def scenario() -> None:
         async with serving(settings) as s:  # no worker: jobs stay queued
@@ -357,9 +357,11 @@ def test_a_caller_that_gives_up_takes_its_queued_job_with_it(
     asyncio.run(scenario())
 
 
-def test_a_full_queue_answers_resource_exhausted_with_retry_after(redis_url: str, tmp_path: Path) -> None:
+def test_a_full_queue_answers_resource_exhausted_with_retry_after(
+    redis_url: str, tmp_path: Path, exported: Path
+) -> None:
     queue = QueueSettings(prefix=f"tgrpc{np.random.default_rng().integers(1 << 30)}", max_pending=1, retry_after_s=7)
-    settings = make_settings(redis_url, queue, tmp_path)  # no worker: no model needed
+    settings = make_settings(redis_url, queue, exported)  # no worker: the gateway routes by the model's card
 
     async def scenario() -> None:
         async with serving(settings) as s:
@@ -373,9 +375,9 @@ def test_a_full_queue_answers_resource_exhausted_with_retry_after(redis_url: str
 
 
 def test_reflection_lists_and_describes_the_services(
-    redis_url: str, queue_settings: QueueSettings, tmp_path: Path
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, tmp_path)  # no worker: no model needed
+    settings = make_settings(redis_url, queue_settings, exported)  # no worker: the gateway routes by the model's card
     # The Open Inference Protocol as a further service (its servicer here answers UNIMPLEMENTED): its file
     # lives in a private descriptor pool, which reflection must still be able to describe.
     inference = Registration(

@@ -28,7 +28,7 @@ from service.grpc.server import build_server, stop_server
 from service.ops.metrics import Metrics
 from service.worker.consumer import Worker
 from tests.conftest import TEST_VARIANT
-from tests.service.harness import disc_image, engine_for, make_settings
+from tests.service.harness import disc_image, engine_for, lane_for, make_settings
 from tests.service.test_grpc import free_port
 
 
@@ -193,10 +193,10 @@ def test_typed_contents_match_raw_contents(redis_url: str, queue_settings: Queue
 
 
 def test_deadline_timeout_and_cancel_delete_the_job_and_a_full_queue_is_resource_exhausted(
-    redis_url: str, queue_settings: QueueSettings, tmp_path: Path
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings.model_copy(update={"max_pending": 1}), tmp_path)
-    jobs = f"{queue_settings.prefix}:jobs"
+    settings = make_settings(redis_url, queue_settings.model_copy(update={"max_pending": 1}), exported)
+    jobs = f"{queue_settings.prefix}:jobs:{lane_for(exported)}"
     grey = disc_image((32, 32), radius=8)
     request = inference_pb2.ModelInferRequest(
         model_name="c2p",
@@ -255,7 +255,7 @@ async def no_jobs_left(s: Served, within_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
         records = [key async for key in s.client.scan_iter(match=f"{prefix}:job:*")]
-        if not records and await s.client.xlen(f"{prefix}:jobs") == 0:
+        if not records and await s.client.xlen(f"{prefix}:jobs:{lane_for(Path(s.settings.model))}") == 0:
             return
         assert asyncio.get_running_loop().time() < deadline, f"jobs left behind: {records}"
         await asyncio.sleep(0.05)

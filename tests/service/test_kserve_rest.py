@@ -30,7 +30,7 @@ from service.ops.metrics import Metrics
 from service.outputs import rle
 from service.worker.consumer import Worker
 from tests.conftest import TEST_VARIANT
-from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
+from tests.service.harness import disc_image, engine_for, lane_for, make_settings, png_bytes, running
 
 HEADER = "Inference-Header-Content-Length"
 
@@ -118,12 +118,14 @@ def test_metadata_and_model_readiness(redis_url: str, queue_settings: QueueSetti
             await settle()
             server = (await http.get("/v2")).json()
             assert server["name"] == "c2p-serve" and server["version"] and server["extensions"] == []
-            # the alias always exists; it is not ready, and the variant is unknown, until a worker announces it
+            # the gateway knows the model from its card (jobs are routed before any worker runs); no worker: not ready
             meta = (await http.get("/v2/models/c2p")).json()
-            assert meta["name"] == "c2p" and meta["versions"] == []
+            assert meta["name"] == TEST_VARIANT and meta["versions"] == [version]
+            assert meta["properties"]["ready"] == "false"
             not_ready = await http.get("/v2/models/c2p/ready")
             assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
-            assert (await http.get(f"/v2/models/{TEST_VARIANT}/ready")).status_code == 404
+            assert (await http.get(f"/v2/models/{TEST_VARIANT}/ready")).status_code == 503
+            assert (await http.get("/v2/models/unknown/ready")).status_code == 404
 
         async with running(settings, engine) as (http, _):
             for model in ("c2p", TEST_VARIANT):
@@ -332,7 +334,7 @@ def test_bad_tensors_are_refused_before_the_queue(
                 assert body["code"] == code and words in body["error"], (label, body)
             client = aioredis.Redis.from_url(redis_url)
             try:
-                assert await client.xlen(f"{queue_settings.prefix}:jobs") == 0
+                assert await client.xlen(f"{queue_settings.prefix}:jobs:{lane_for(exported)}") == 0
             finally:
                 await client.aclose()
 
@@ -351,13 +353,13 @@ def test_a_job_not_done_in_time_is_deleted_and_a_full_queue_answers_429(redis_ur
                 late = await http.post("/v2/models/c2p/infer", content=content, headers=headers)
                 assert late.status_code == 504, late.text
                 assert late.json()["code"] == "deadline_exceeded" and "deleted" in late.json()["error"]
-                assert await client.xlen(f"{queue.prefix}:jobs") == 0
+                assert await client.xlen(f"{queue.prefix}:jobs:{lane_for(exported)}") == 0
                 assert [k async for k in client.scan_iter(match=f"{queue.prefix}:job:*")] == []
 
                 content, headers = v2_request(discs()[0], parameters={"timeout": 1_000_000})
                 first = asyncio.create_task(http.post("/v2/models/c2p/infer", content=content, headers=headers))
                 for _ in range(300):
-                    if await client.xlen(f"{queue.prefix}:jobs") == 1:
+                    if await client.xlen(f"{queue.prefix}:jobs:{lane_for(exported)}") == 1:
                         break
                     await asyncio.sleep(0.01)
                 full = await http.post("/v2/models/c2p/infer", content=content, headers=headers)
@@ -472,7 +474,7 @@ def test_a_client_that_hangs_up_stops_waiting_and_its_job_is_deleted(
     redis_url: str, queue_settings: QueueSettings, exported: Path
 ) -> None:
     settings = make_settings(redis_url, queue_settings, exported)
-    jobs = f"{queue_settings.prefix}:jobs"
+    jobs = f"{queue_settings.prefix}:jobs:{lane_for(exported)}"
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import QueueSettings
 from service.queue import JobQueue
-from tests.service.harness import disc_image, png_bytes
+from tests.service.harness import disc_image, lane_for, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, exported: Path, t
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        queue = JobQueue(client, settings)
+        queue = JobQueue(client, settings, lane=lane_for(exported))
         try:
             await queue.ensure_group()
             job = await queue.submit(volume_upload(400), {"format": "nifti", "modality_hint": "MR"}, tenant="t1")
@@ -118,7 +118,7 @@ def test_sigterm_drains_the_job_in_flight(redis_url: str, exported: Path, tmp_pa
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        queue = JobQueue(client, QueueSettings(prefix=prefix))
+        queue = JobQueue(client, QueueSettings(prefix=prefix), lane=lane_for(exported))
         try:
             await queue.ensure_group()
             job = await queue.submit(volume_upload(200), {"format": "nifti"}, tenant="t1")

@@ -48,8 +48,12 @@ def result_json(model_name: str) -> str:
     ).model_dump_json()
 
 
+# The lane of a model artifact (service.queue.keys): every stream belongs to one.
+LANE = "0123456789ab"
+
+
 def make_queue(client: aioredis.Redis, settings: QueueSettings, **changes: Any) -> JobQueue:
-    return JobQueue(client, settings.model_copy(update=changes))
+    return JobQueue(client, settings.model_copy(update=changes), lane=LANE)
 
 
 async def submit_and_read(queue: JobQueue, consumer: str = "w1") -> Delivery:
@@ -71,7 +75,7 @@ async def test_submit_read_complete_get(redis_client: aioredis.Redis, queue_sett
     assert await redis_client.ttl(queue.record_key(job.id)) > queue_settings.payload_ttl_s
 
     (delivery,) = await queue.read("w1", count=4, block_ms=50)
-    assert delivery == Delivery(job.id, delivery.entry_id, 1, META)
+    assert delivery == Delivery(job.id, delivery.entry_id, 1, META, LANE)
     running = await queue.get(job.id)
     assert running.status == "running" and running.deliveries == 1
     record = await redis_client.hgetall(queue.record_key(job.id))
@@ -391,7 +395,7 @@ async def test_redis_down_means_unavailable() -> None:
     settings = QueueSettings(prefix="tdown")
     with PrivateRedis() as server:
         client = aioredis.Redis.from_url(server.url)
-        queue = JobQueue(client, settings)
+        queue = JobQueue(client, settings, lane=LANE)
         try:
             assert await queue.ping() is True
             job = await queue.submit(FILES, META, tenant="t1")

@@ -103,8 +103,10 @@ async def _keys(http: object, settings: object, pattern: str):  # type: ignore[n
         await client.aclose()
 
 
-def test_a_queued_job_has_no_result_yet(redis_url: str, queue_settings: QueueSettings, tmp_path: Path) -> None:
-    settings = make_settings(redis_url, queue_settings, tmp_path)
+def test_a_queued_job_has_no_result_yet(
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
+) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
 
     async def scenario() -> None:
         async with running(settings, None, worker=False) as (http, _):

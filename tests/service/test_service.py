@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from service.config import LimitSettings, QueueSettings
 from service.outputs import rle
-from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
+from tests.service.harness import disc_image, engine_for, lane_for, make_settings, png_bytes, running
 from tests.service.test_dicom_seg import dciodvfy_errors
 
 
@@ -333,7 +333,7 @@ def test_a_job_that_always_crashes_the_engine_ends_in_the_dead_letters(redis_url
             assert body["code"] == "delivery_limit" and "engine crashed" in body["message"]
             job = (await http.get(f"/v1/segmentations/{body['job_id']}")).json()
             assert job["status"] == "failed" and job["deliveries"] >= 2
-            stats = await worker.queue.stats()
+            stats = await worker.queue.stats(lane_for(exported))
             assert stats.dead_letters == 1 and stats.length == 0
             assert not worker.stopping.is_set()
 

@@ -50,9 +50,11 @@ EXPECTED_HTTP_ERROR = re.compile(
 )
 
 
-def test_the_viewer_files_are_served(redis_url: str, queue_settings: QueueSettings, tmp_path: Path) -> None:
+def test_the_viewer_files_are_served(
+    redis_url: str, queue_settings: QueueSettings, tmp_path: Path, exported: Path
+) -> None:
     """Cheap and browser-free, so it runs everywhere: the three files, the redirect and a JSON 404."""
-    settings = make_settings(redis_url, queue_settings, tmp_path)
+    settings = make_settings(redis_url, queue_settings, exported)
 
     async def scenario() -> None:
         async with running(settings, None, worker=False) as (http, _):
