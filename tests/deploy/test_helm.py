@@ -6,8 +6,9 @@ misspelt field is an error, not silently dropped), the custom resources (KEDA, P
 objects that exist, and the properties the service relies on hold: non-root read-only containers, a grace period
 that outlasts the worker's drain, GPUs only where the profile asks, env names the service accepts (it refuses to
 start on an unknown ``C2P_*``), a gateway that has credentials (it refuses to start without them), probes on the
-right paths and ports, a Redis that never evicts jobs, workers fenced off by NetworkPolicy, and a dashboard that only
-queries metrics the code exports.
+right paths and ports, a Redis that never evicts jobs, workers fenced off by NetworkPolicy, one worker Deployment per
+pool of models with KEDA on each pool's own streams (the default worker's on the bundled model's lane), and a dashboard
+that only queries metrics the code exports.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ NAMESPACE = "imaging"
 KUBE_VERSION = "1.30.0"
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}
 GPU_RESOURCE = "nvidia.com/gpu"
+# The bundled model's export card: its artifact digest names the default worker's stream (service/queue/keys.py).
+BUNDLED_CARD = ROOT / "models" / "weights" / "c2p-femto-192.export.json"
+LANE_RE = re.compile(r"^[0-9a-f]{12}$")
+WORKER_COMPONENTS = {"worker", "worker-pool"}
+POOL_LABEL = "c2p-serve/pool"
+REPOSITORY = "/models"
 
 ALL_ON = [
     *("--set", "keda.enabled=true"),
@@ -64,6 +71,26 @@ OIDC = [
     *("--set", "gateway.auth.oidc.audience=c2p-serve"),
     *("--set", "gateway.auth.oidc.jwksUrl=https://login.example.org/realms/imaging/protocol/openid-connect/certs"),
     *("--set", "gateway.auth.oidc.tenantClaim=tid"),
+]
+# alpha-v2: CPU, its own resources, scaled from zero on one lane; beta: GPU (the default profile), two models on two
+# lanes within a memory budget; gamma: no KEDA, a fixed count, no lanes needed.
+POOLS: list[dict[str, Any]] = [
+    {
+        "name": "alpha-v2",
+        "models": "alpha:2",
+        "lanes": ["0123456789ab"],
+        "profile": "cpu",
+        "resources": {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "6Gi"}},
+        "keda": {"minReplicaCount": 0, "maxReplicaCount": 4, "scaleDown": {"periodSeconds": 30}},
+    },
+    {
+        "name": "beta",
+        "models": "beta,delta:7",
+        "lanes": ["abcdef012345", "fedcba987654"],
+        "memoryBudgetMB": 12000,
+        "extraEnv": [{"name": "C2P_WORKER__CONCURRENCY", "value": "4"}],
+    },
+    {"name": "gamma", "models": "gamma", "profile": "cpu", "replicas": 2, "keda": {"enabled": False}},
 ]
 _SCENARIOS: dict[str, list[str]] = {
     "default": [],
@@ -115,6 +142,12 @@ _SCENARIOS: dict[str, list[str]] = {
         *("--set", "tracing.endpoint=http://otel-collector.observability:4318"),
         *("--set", "tracing.serviceName=c2p-serve"),
         *("--set", "tracing.sampleRatio=0.25"),
+    ],
+    # Several models: the default worker plus three pools from a repository volume (docs/deploy.md, "Several models").
+    "pools": [
+        *ALL_ON,
+        *("--set-json", 'modelRepository.volume={"persistentVolumeClaim":{"claimName":"c2p-models","readOnly":true}}'),
+        *("--set-json", "workerPools=" + json.dumps(POOLS)),
     ],
 }
 SCENARIOS: dict[str, list[str]] = {name: [*KEYS, *args] for name, args in _SCENARIOS.items()}
@@ -239,6 +272,23 @@ def workload(docs: tuple[dict[str, Any], ...], name: str) -> dict[str, Any]:
     return found[0]
 
 
+def worker_deployments(docs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """The default worker's Deployment (if rendered) and every pool's."""
+    return [d for d in of_kind(docs, "Deployment") if component(d) in WORKER_COMPONENTS]
+
+
+def pools(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    """Pool name -> its worker Deployment."""
+    return {
+        d["metadata"]["labels"][POOL_LABEL]: d for d in of_kind(docs, "Deployment") if component(d) == "worker-pool"
+    }
+
+
+def bundled_lane() -> str:
+    """The first 12 hex digits of the bundled model's ONNX digest: the lane its jobs are queued on."""
+    return json.loads(BUNDLED_CARD.read_text())["artifacts"]["model.onnx"]["sha256"][:12]
+
+
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]["spec"]
 
@@ -277,8 +327,16 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
 
 @pytest.mark.parametrize(
     "values",
-    [KEYS, [*KEYS, *CPU], [*KEYS, *GPU], [*KEYS, *ALL_ON], [*KEYS, *CPU, *ALL_ON], [*OIDC, *ALL_ON]],
-    ids=["default", "cpu", "gpu", "all-on", "cpu-all-on", "oidc"],
+    [
+        KEYS,
+        [*KEYS, *CPU],
+        [*KEYS, *GPU],
+        [*KEYS, *ALL_ON],
+        [*KEYS, *CPU, *ALL_ON],
+        [*OIDC, *ALL_ON],
+        SCENARIOS["pools"],
+    ],
+    ids=["default", "cpu", "gpu", "all-on", "cpu-all-on", "oidc", "pools"],
 )
 def test_helm_lint_strict(values: list[str]) -> None:
     """``helm lint --strict`` turns lint warnings into failures, so template mistakes show up before an install."""
@@ -375,8 +433,9 @@ def test_every_container_is_locked_down(scenario: str) -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_c2p_containers_run_as_the_image_user_with_a_writable_tmp(scenario: str) -> None:
     """The image runs as uid 10001 on a read-only root: /tmp must be an emptyDir or uploads and exports fail."""
-    for name in ("gateway", "worker"):
-        doc = workload(rendered(scenario), name)
+    docs = rendered(scenario)
+    for doc in [workload(docs, "gateway"), *worker_deployments(docs)]:
+        name = doc["metadata"]["name"]
         c = pod_spec(doc)["containers"][0]
         assert c["securityContext"]["runAsUser"] == 10001
         mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
@@ -388,16 +447,18 @@ def test_c2p_containers_run_as_the_image_user_with_a_writable_tmp(scenario: str)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_worker_grace_period_outlasts_its_drain_and_a_job(scenario: str) -> None:
     """Kubernetes SIGKILLs at the end of the grace period: it must cover preStop + the drain, and a whole job."""
-    worker = workload(rendered(scenario), "worker")
-    env = env_of(pod_spec(worker)["containers"][0])
-    grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+    for worker in worker_deployments(rendered(scenario)):
+        env = env_of(pod_spec(worker)["containers"][0])
+        grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+        drain = float(env["C2P_WORKER__DRAIN_TIMEOUT_S"] or "nan")
+        deadline = float(env["C2P_QUEUE__JOB_DEADLINE_S"] or "nan")
+        pre_stop = pod_spec(worker)["containers"][0].get("lifecycle", {}).get("preStop", {})
+        sleep = float(pre_stop["exec"]["command"][-1]) if pre_stop else 0.0
+        # Jobs drain, then DICOM SEGs still queued for forwarding drain, each for up to the drain timeout.
+        assert grace > sleep + 2 * drain + 5, f"grace {grace} s does not cover preStop {sleep} s + 2 x drain {drain} s"
+        assert grace >= deadline, f"grace {grace} s is shorter than the job deadline {deadline} s"
+    env = env_of(pod_spec(workload(rendered(scenario), "worker"))["containers"][0])
     drain = float(env["C2P_WORKER__DRAIN_TIMEOUT_S"] or "nan")
-    deadline = float(env["C2P_QUEUE__JOB_DEADLINE_S"] or "nan")
-    pre_stop = pod_spec(worker)["containers"][0].get("lifecycle", {}).get("preStop", {})
-    sleep = float(pre_stop["exec"]["command"][-1]) if pre_stop else 0.0
-    # Jobs drain, then DICOM SEGs still queued for forwarding drain, each for up to the drain timeout.
-    assert grace > sleep + 2 * drain + 5, f"grace {grace} s does not cover preStop {sleep} s + 2 x drain {drain} s"
-    assert grace >= deadline, f"grace {grace} s is shorter than the job deadline {deadline} s"
     gateway = workload(rendered(scenario), "gateway")
     gw_env = env_of(pod_spec(gateway)["containers"][0])
     assert gw_env["C2P_WORKER__DRAIN_TIMEOUT_S"] == env["C2P_WORKER__DRAIN_TIMEOUT_S"]
@@ -460,7 +521,9 @@ def test_env_is_a_configuration_the_service_accepts(scenario: str, monkeypatch: 
     assert (gateway["C2P_PORT"], gateway["C2P_GRPC_PORT"]) == ("8000", "8001")
     assert worker["C2P_WORKER__OPS_PORT"] == "8002"
     for shared in ("C2P_REDIS_URL", "C2P_QUEUE__PREFIX", "C2P_QUEUE__JOB_DEADLINE_S"):
-        assert gateway[shared] == worker[shared], f"gateway and worker disagree on {shared}"
+        for doc in worker_deployments(rendered(scenario)):
+            other = env_of(pod_spec(doc)["containers"][0])
+            assert gateway[shared] == other[shared], f"gateway and {doc['metadata']['name']} disagree on {shared}"
 
 
 def test_options_reach_the_containers() -> None:
@@ -513,16 +576,17 @@ def test_keys_file_is_mounted_from_the_secret(scenario: str) -> None:
     assert secret["secretName"] == KEYS_SECRET and not secret.get("optional"), secret
     path = next((i["path"] for i in secret.get("items", []) if i["key"] == "keys"), "keys")
     assert os.path.join(mount["mountPath"], path) == KEYS_FILE
-    worker = workload(docs, "worker")
-    assert _auth_volume(worker) == (None, None), "workers serve no API: they need no keys"
+    for worker in worker_deployments(docs):
+        assert _auth_volume(worker) == (None, None), "workers serve no API: they need no keys"
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_only_the_gateway_gets_auth_and_quota_settings(scenario: str) -> None:
     """Workers serve no API and admit no jobs; a quota change must not restart the GPU workers."""
-    worker = env_of(pod_spec(workload(rendered(scenario), "worker"))["containers"][0])
-    gated = [n for n in worker if n.startswith(("C2P_AUTH__", "C2P_API_KEYS", "C2P_QUEUE__TENANT_"))]
-    assert not gated, f"worker env carries gateway-only settings: {gated}"
+    for doc in worker_deployments(rendered(scenario)):
+        worker = env_of(pod_spec(doc)["containers"][0])
+        gated = [n for n in worker if n.startswith(("C2P_AUTH__", "C2P_API_KEYS", "C2P_QUEUE__TENANT_"))]
+        assert not gated, f"{doc['metadata']['name']} env carries gateway-only settings: {gated}"
     gateway = env_of(pod_spec(workload(rendered(scenario), "gateway"))["containers"][0])
     # Prometheus (serviceMonitor) scrapes the gateway's /metrics without credentials.
     assert gateway["C2P_AUTH__PUBLIC_METRICS"] == "true"
@@ -596,8 +660,11 @@ def test_probes_use_the_health_endpoints_on_the_right_ports(scenario: str) -> No
     }
     if scenario == "scale-to-zero":
         expected["gateway"] = (8000, "/v2/health/live", "/v2/health/live")
-    for name, (port, live, ready) in expected.items():
-        c = pod_spec(workload(rendered(scenario), name))["containers"][0]
+    docs = rendered(scenario)
+    for doc in [workload(docs, "gateway"), *worker_deployments(docs)]:
+        name = doc["metadata"]["name"]
+        port, live, ready = expected["gateway" if component(doc) == "gateway" else "worker"]
+        c = pod_spec(doc)["containers"][0]
         for probe, path in (("livenessProbe", live), ("readinessProbe", ready), ("startupProbe", live)):
             get = c[probe]["httpGet"]
             assert get["path"] == path, f"{name} {probe}"
@@ -624,11 +691,18 @@ def test_services_reach_named_ports_of_one_workload(scenario: str) -> None:
 def test_disruption_budgets_and_autoscaler_target_the_right_pods(scenario: str) -> None:
     """Budgets and the gateway's HPA select by labels and names; a typo makes them guard nothing."""
     docs = rendered(scenario)
-    budgets = {component(p): p for p in of_kind(docs, "PodDisruptionBudget")}
-    assert budgets["gateway"]["spec"]["minAvailable"] == 1
-    assert budgets["worker"]["spec"]["maxUnavailable"] == 1
-    for name, budget in budgets.items():
-        assert matches(budget["spec"]["selector"], pod_labels(workload(docs, name)))
+    workloads = of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")
+    guarded = set()
+    for budget in of_kind(docs, "PodDisruptionBudget"):
+        selected = [w["metadata"]["name"] for w in workloads if matches(budget["spec"]["selector"], pod_labels(w))]
+        assert len(selected) == 1, f"PDB {budget['metadata']['name']} guards {selected}"
+        guarded.add(selected[0])
+        if component(budget) == "gateway":
+            assert budget["spec"]["minAvailable"] == 1
+        else:
+            assert budget["spec"]["maxUnavailable"] == 1
+    assert workload(docs, "gateway")["metadata"]["name"] in guarded
+    assert {w["metadata"]["name"] for w in worker_deployments(docs)} <= guarded, "a worker Deployment without a PDB"
     for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
         gateway = workload(docs, "gateway")
         assert hpa["apiVersion"] == "autoscaling/v2"
@@ -718,59 +792,188 @@ def test_redis_runs_with_the_rendered_configuration(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scenario", KEDA_SCENARIOS)
 def test_scaled_object_scales_the_worker_on_the_consumer_group_lag(scenario: str) -> None:
-    """KEDA must target the worker Deployment, read the stream and group the service uses, and reach Redis."""
+    """KEDA must target a worker Deployment, read the streams of its models and the group the service uses, and
+    reach Redis: one lag trigger (and one stream-length trigger) per lane, the stream "<prefix>:jobs:<lane>"."""
     docs = rendered(scenario)
-    (scaled,) = of_kind(docs, "ScaledObject")
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    worker = workload(docs, "worker")
-    target = scaled["spec"]["scaleTargetRef"]
-    assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", worker["metadata"]["name"])
-    assert "replicas" not in worker["spec"], "KEDA owns the worker count; a fixed count would fight its HPA"
-    spec = scaled["spec"]
-    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    env = env_of(pod_spec(worker)["containers"][0])
-    prefix = env["C2P_QUEUE__PREFIX"]
-    lag, *rest = spec["triggers"]
-    assert lag["type"] == "redis-streams"
-    meta = lag["metadata"]
-    assert (meta["stream"], meta["consumerGroup"]) == (f"{prefix}:jobs", f"{prefix}:workers")
-    assert int(meta["lagCount"]) > 0 and int(meta["activationLagCount"]) >= 0
-    assert "pendingEntriesCount" not in meta and "streamLength" not in meta, "one metric per trigger"
-    for trigger in rest:
-        assert trigger["type"] == "redis-streams" and "consumerGroup" not in trigger["metadata"]
-        assert trigger["metadata"]["stream"] == f"{prefix}:jobs" and int(trigger["metadata"]["streamLength"]) > 0
-    for trigger in spec["triggers"]:
-        values = trigger["metadata"]
-        assert all(isinstance(v, str) for v in values.values()), "KEDA trigger metadata is a map of strings"
-        host, port = values["address"].rsplit(":", 1)
-        if env["C2P_REDIS_URL"] is None:  # URL in a Secret: the address comes from keda.address
-            assert values["address"] == "redis.example.internal:6379"
-            assert trigger["authenticationRef"]["name"] == "c2p-redis-auth"
-        elif "example" in env["C2P_REDIS_URL"]:
-            assert (values["address"], values["databaseIndex"]) == ("redis.example.internal:6380", "2")
-        else:
-            # KEDA's operator runs in its own namespace: the bundled Redis by its namespace-qualified name.
-            service = env["C2P_REDIS_URL"].removeprefix("redis://").split(":")[0]
-            assert (host, port) == (f"{service}.{NAMESPACE}.svc", "6379")
-            assert any(s["metadata"]["name"] == service for s in of_kind(docs, "Service"))
+    scaled_objects = of_kind(docs, "ScaledObject")
+    deployments = {d["metadata"]["name"]: d for d in worker_deployments(docs)}
+    default = workload(docs, "worker")["metadata"]["name"]
+    assert default in {s["spec"]["scaleTargetRef"]["name"] for s in scaled_objects}
+    for scaled in scaled_objects:
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        target = scaled["spec"]["scaleTargetRef"]
+        assert target.get("kind", "Deployment") == "Deployment" and target["name"] in deployments, target
+        worker = deployments[target["name"]]
+        assert component(scaled) == component(worker)
+        assert "replicas" not in worker["spec"], "KEDA owns the worker count; a fixed count would fight its HPA"
+        spec = scaled["spec"]
+        assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        env = env_of(pod_spec(worker)["containers"][0])
+        prefix = env["C2P_QUEUE__PREFIX"]
+        lags = [t for t in spec["triggers"] if "consumerGroup" in t["metadata"]]
+        lengths = [t for t in spec["triggers"] if "consumerGroup" not in t["metadata"]]
+        assert lags and spec["triggers"][0] is lags[0]
+        lanes = []
+        for lag in lags:
+            assert lag["type"] == "redis-streams"
+            meta = lag["metadata"]
+            stream_prefix, _, lane = meta["stream"].rpartition(":")
+            assert stream_prefix == f"{prefix}:jobs" and LANE_RE.fullmatch(lane), meta["stream"]
+            assert meta["consumerGroup"] == f"{prefix}:workers"
+            assert int(meta["lagCount"]) > 0 and int(meta["activationLagCount"]) >= 0
+            assert "pendingEntriesCount" not in meta and "streamLength" not in meta, "one metric per trigger"
+            lanes.append(lane)
+        assert len(lanes) == len(set(lanes)), "a lane watched twice"
+        if target["name"] == default:
+            assert lanes == [bundled_lane()], "the default worker serves the bundled model: its stream"
+        if lengths:  # keda.streamLength: one XLEN trigger beside each lag trigger
+            assert sorted(t["metadata"]["stream"] for t in lengths) == sorted(t["metadata"]["stream"] for t in lags)
+        for trigger in lengths:
+            assert trigger["type"] == "redis-streams" and int(trigger["metadata"]["streamLength"]) > 0
+        for trigger in spec["triggers"]:
+            values = trigger["metadata"]
+            assert all(isinstance(v, str) for v in values.values()), "KEDA trigger metadata is a map of strings"
+            host, port = values["address"].rsplit(":", 1)
+            if env["C2P_REDIS_URL"] is None:  # URL in a Secret: the address comes from keda.address
+                assert values["address"] == "redis.example.internal:6379"
+                assert trigger["authenticationRef"]["name"] == "c2p-redis-auth"
+            elif "example" in env["C2P_REDIS_URL"]:
+                assert (values["address"], values["databaseIndex"]) == ("redis.example.internal:6380", "2")
+            else:
+                # KEDA's operator runs in its own namespace: the bundled Redis by its namespace-qualified name.
+                service = env["C2P_REDIS_URL"].removeprefix("redis://").split(":")[0]
+                assert (host, port) == (f"{service}.{NAMESPACE}.svc", "6379")
+                assert any(s["metadata"]["name"] == service for s in of_kind(docs, "Service"))
 
 
-@pytest.mark.parametrize("scenario", ["all-on", "cpu-all-on", "external-redis", "oidc"])
+def test_default_render_triggers_on_the_bundled_lane() -> None:
+    """With the default values KEDA watches the bundled model's stream and nothing else: lag, then length."""
+    (scaled,) = of_kind(rendered("all-on"), "ScaledObject")
+    streams = [t["metadata"]["stream"] for t in scaled["spec"]["triggers"]]
+    assert streams == [f"c2p:jobs:{bundled_lane()}"] * 2
+    assert "consumerGroup" in scaled["spec"]["triggers"][0]["metadata"]
+    assert "streamLength" in scaled["spec"]["triggers"][1]["metadata"]
+
+
+def test_default_lane_is_the_bundled_models() -> None:
+    """worker.lanes names the stream of the model the image bakes in (``c2p prepare`` copies the shipped graph, so
+    its card's digest is the export card's): a re-exported model with another digest must fail here, not leave KEDA
+    watching a stream no job is queued on."""
+    from service.queue.keys import lane_of
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    card = json.loads(BUNDLED_CARD.read_text())
+    assert values["worker"]["lanes"] == [lane_of(card["artifacts"]["model.onnx"]["sha256"])]
+    assert values["worker"]["lanes"] == [bundled_lane()]
+
+
+def test_pools_render_their_own_worker_deployments() -> None:
+    """Each pool is a Deployment of the worker's pod template with its own models, replicas, resources and profile,
+    reading the repository volume; pods of one never match another's selector; the default worker is unchanged and
+    the gateway reads the repository to register the models."""
+    from service.repository import parse_reference
+
+    docs = rendered("pools")
+    by_pool = pools(docs)
+    assert set(by_pool) == {p["name"] for p in POOLS}
+    default = workload(docs, "worker")
+    for spec in POOLS:
+        doc = by_pool[spec["name"]]
+        assert doc["metadata"]["name"] == f"{default['metadata']['name']}-{spec['name']}"
+        c = pod_spec(doc)["containers"][0]
+        env = env_of(c)
+        assert env["C2P_WORKER__MODELS"] == spec["models"]
+        assert [parse_reference(m) for m in (env["C2P_WORKER__MODELS"] or "").split(",")], "the service parses it"
+        assert env["C2P_MODEL_REPOSITORY"] == REPOSITORY
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert mounts[REPOSITORY]["readOnly"] is True
+        volume = next(v for v in pod_spec(doc)["volumes"] if v["name"] == mounts[REPOSITORY]["name"])
+        assert volume["persistentVolumeClaim"]["claimName"] == "c2p-models"
+        assert c["args"] == ["worker"]
+        profile = spec.get("profile", "gpu")
+        assert c["image"].endswith("-cuda" if profile == "gpu" else "-cpu")
+        assert env["C2P_ENGINE__DEVICE"] == ("cuda" if profile == "gpu" else "cpu")
+        keda = {"enabled": True, **spec.get("keda", {})}["enabled"]
+        assert doc["spec"].get("replicas") == (None if keda else spec.get("replicas", 1))
+        pod = pod_labels(doc)
+        for other in worker_deployments(docs):
+            if other is not doc:
+                assert not matches(other["spec"]["selector"], pod), f"{other['metadata']['name']} selects {spec}"
+        assert matches(doc["spec"]["selector"], pod)
+    alpha = pod_spec(by_pool["alpha-v2"])["containers"][0]
+    assert alpha["resources"] == POOLS[0]["resources"], "a pool's own resources, no GPU on the cpu profile"
+    assert "C2P_WORKER__MEMORY_BUDGET_MB" not in env_of(alpha)
+    beta = pod_spec(by_pool["beta"])
+    beta_env = env_of(beta["containers"][0])
+    assert beta_env["C2P_WORKER__MEMORY_BUDGET_MB"] == "12000"
+    assert beta_env["C2P_WORKER__CONCURRENCY"] == "4"
+    resources = beta["containers"][0]["resources"]
+    assert resources["limits"][GPU_RESOURCE] == 1 and resources["requests"]["memory"] == "4Gi", resources
+    assert any(t.get("key") == GPU_RESOURCE for t in beta.get("tolerations", []))
+    assert by_pool["gamma"]["spec"]["replicas"] == 2
+    assert not [t for t in pod_spec(by_pool["gamma"]).get("tolerations", []) if "nvidia" in str(t)]
+    # The default worker serves the bundled model alone: no repository, no narrowing.
+    default_c = pod_spec(default)["containers"][0]
+    assert "C2P_WORKER__MODELS" not in env_of(default_c) and "C2P_MODEL_REPOSITORY" not in env_of(default_c)
+    assert REPOSITORY not in {m["mountPath"] for m in default_c["volumeMounts"]}
+    gateway = pod_spec(workload(docs, "gateway"))["containers"][0]
+    assert env_of(gateway)["C2P_MODEL_REPOSITORY"] == REPOSITORY
+    assert {m["mountPath"]: m for m in gateway["volumeMounts"]}[REPOSITORY]["readOnly"] is True
+    for scenario in ("default", "all-on"):
+        plain = rendered(scenario)
+        assert not pools(plain)
+        assert "C2P_MODEL_REPOSITORY" not in env_of(pod_spec(workload(plain, "gateway"))["containers"][0])
+
+
+def test_pool_scaled_objects_watch_their_own_streams() -> None:
+    """A pool under KEDA scales on its own lanes (a lag and a length trigger each) with its overrides over the keda
+    values; a pool with KEDA off has none and keeps its fixed count."""
+    docs = rendered("pools")
+    by_pool = pools(docs)
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s["spec"] for s in of_kind(docs, "ScaledObject")}
+    default = workload(docs, "worker")["metadata"]["name"]
+    assert set(scaled) == {default, by_pool["alpha-v2"]["metadata"]["name"], by_pool["beta"]["metadata"]["name"]}
+
+    def streams(spec: dict[str, Any], kind: str) -> list[str]:
+        return [t["metadata"]["stream"] for t in spec["triggers"] if kind in t["metadata"]]
+
+    assert streams(scaled[default], "lagCount") == [f"c2p:jobs:{bundled_lane()}"]
+    for spec in POOLS[:2]:
+        got = scaled[by_pool[spec["name"]]["metadata"]["name"]]
+        expected = [f"c2p:jobs:{lane}" for lane in spec["lanes"]]
+        assert streams(got, "lagCount") == expected and streams(got, "streamLength") == expected
+    alpha = scaled[by_pool["alpha-v2"]["metadata"]["name"]]
+    assert (alpha["minReplicaCount"], alpha["maxReplicaCount"]) == (0, 4)
+    behaviour = alpha["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert behaviour["stabilizationWindowSeconds"] == 300 and behaviour["policies"][0]["periodSeconds"] == 30
+    beta = scaled[by_pool["beta"]["metadata"]["name"]]
+    assert (beta["minReplicaCount"], beta["maxReplicaCount"]) == (1, 8), "the keda values where a pool sets none"
+
+
+@pytest.mark.parametrize("scenario", ["all-on", "cpu-all-on", "external-redis", "oidc", "pools"])
 def test_service_monitors_select_services_with_those_ports(scenario: str) -> None:
-    """A ServiceMonitor whose selector or port name misses its Service scrapes nothing and raises no error."""
+    """A ServiceMonitor whose selector or port name misses its Service scrapes nothing and raises no error; every
+    worker Deployment's pods are scraped (the pools' through one monitor over their Services)."""
     docs = rendered(scenario)
     monitors = of_kind(docs, "ServiceMonitor")
-    assert {component(m) for m in monitors} == {"gateway", "worker"}
+    expected = {"gateway", "worker", *(["worker-pool"] if pools(docs) else [])}
+    assert {component(m) for m in monitors} == expected
+    scraped = []
     for monitor in monitors:
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
         services = [
             s for s in of_kind(docs, "Service") if matches(monitor["spec"]["selector"], s["metadata"]["labels"])
         ]
-        assert len(services) == 1, f"{monitor['metadata']['name']} selects {len(services)} Services"
-        names = {p["name"] for p in services[0]["spec"]["ports"]}
-        for endpoint in monitor["spec"]["endpoints"]:
-            assert endpoint["port"] in names and endpoint["path"] == "/metrics"
+        count = len(pools(docs)) if component(monitor) == "worker-pool" else 1
+        assert len(services) == count, f"{monitor['metadata']['name']} selects {len(services)} Services"
+        for service in services:
+            names = {p["name"] for p in service["spec"]["ports"]}
+            for endpoint in monitor["spec"]["endpoints"]:
+                assert endpoint["port"] in names and endpoint["path"] == "/metrics"
+            selector = {"matchLabels": service["spec"]["selector"]}
+            scraped += [d["metadata"]["name"] for d in worker_deployments(docs) if matches(selector, pod_labels(d))]
+    assert sorted(scraped) == sorted(d["metadata"]["name"] for d in worker_deployments(docs)), scraped
     assert not of_kind(rendered("default"), "ServiceMonitor") and not of_kind(rendered("default"), "ScaledObject")
 
 
@@ -787,21 +990,56 @@ def _rule_ports(rule: dict[str, Any]) -> set[int | str] | None:
 
 
 @pytest.mark.parametrize(
-    "scenario", ["all-on", "cpu-all-on", "external-redis", "external-redis-secret", "options", "tracing", "oidc"]
+    "scenario",
+    ["all-on", "cpu-all-on", "external-redis", "external-redis-secret", "options", "tracing", "oidc", "pools"],
 )
 def test_network_policies_fence_the_workers_and_redis(scenario: str) -> None:
-    """Workers take no traffic but scrapes and talk only to Redis and DNS (+ configured destinations); only the
-    release's gateway and workers (and KEDA) reach Redis; everything else is denied by default."""
+    """Workers (the default one and every pool's) take no traffic but scrapes and talk only to Redis and DNS
+    (+ configured destinations); only the release's gateway and workers (and KEDA) reach Redis; everything else is
+    denied by default."""
     docs = rendered(scenario)
-    labels = {name: pod_labels(workload(docs, name)) for name in ("gateway", "worker")}
+    labels = {"gateway": pod_labels(workload(docs, "gateway"))}
+    labels |= {d["metadata"]["name"]: pod_labels(d) for d in worker_deployments(docs)}
+    workers = [name for name in labels if name != "gateway"]
     redis_enabled = any(component(d) == "redis" for d in of_kind(docs, "StatefulSet"))
     if redis_enabled:
         labels["redis"] = pod_labels(workload(docs, "redis"))
     for name, pod in labels.items():
         policies = _policies_for(docs, pod)
         assert any(p["spec"]["podSelector"] and not p["spec"].get("ingress") for p in policies), f"{name}: no deny"
+    for name in workers:
+        _check_worker_egress(scenario, docs, labels[name], labels.get("redis"))
 
-    worker_policies = _policies_for(docs, labels["worker"])
+    gateway_ports = {
+        port
+        for p in _policies_for(docs, labels["gateway"])
+        for r in p["spec"].get("ingress", [])
+        for port in (_rule_ports(r) or {8000, 8001})
+    }
+    assert {8000, 8001} <= gateway_ports
+
+    if redis_enabled:
+        redis_rules = [r for p in _policies_for(docs, labels["redis"]) for r in p["spec"].get("ingress", [])]
+        assert redis_rules
+        admitted = set()
+        for rule in redis_rules:
+            assert _rule_ports(rule) == {6379}
+            for peer in rule["from"]:
+                if "podSelector" in peer:
+                    assert "namespaceSelector" not in peer, "a namespace-wide peer would admit other releases"
+                    hits = {n for n in ("gateway", *workers) if matches(peer["podSelector"], labels[n])}
+                    assert hits, peer
+                    admitted |= hits
+                else:  # KEDA's operator reads the stream to scale the workers
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+        assert admitted == {"gateway", *workers}, "a worker Deployment that cannot reach Redis"
+
+
+def _check_worker_egress(
+    scenario: str, docs: tuple[dict[str, Any], ...], worker: dict[str, str], redis_pod: dict[str, str] | None
+) -> None:
+    """One worker Deployment's pods: scrapes in on the ops port only, out only to Redis, DNS and what is configured."""
+    worker_policies = _policies_for(docs, worker)
     for policy in worker_policies:
         for rule in policy["spec"].get("ingress", []):
             ports = _rule_ports(rule)
@@ -819,29 +1057,9 @@ def test_network_policies_fence_the_workers_and_redis(scenario: str) -> None:
     assert redis_port in opened and 53 in opened
     extra = {"options": {443}, "tracing": {4318}}.get(scenario, set())
     assert opened == {redis_port, 53, *extra}, opened
-    if redis_enabled:
+    if redis_pod is not None:
         to_redis = [r for r in egress if 6379 in (_rule_ports(r) or set())]
-        assert all(matches(peer["podSelector"], labels["redis"]) for r in to_redis for peer in r["to"])
-
-    gateway_ports = {
-        port
-        for p in _policies_for(docs, labels["gateway"])
-        for r in p["spec"].get("ingress", [])
-        for port in (_rule_ports(r) or {8000, 8001})
-    }
-    assert {8000, 8001} <= gateway_ports
-
-    if redis_enabled:
-        redis_rules = [r for p in _policies_for(docs, labels["redis"]) for r in p["spec"].get("ingress", [])]
-        assert redis_rules
-        for rule in redis_rules:
-            assert _rule_ports(rule) == {6379}
-            for peer in rule["from"]:
-                if "podSelector" in peer:
-                    assert "namespaceSelector" not in peer, "a namespace-wide peer would admit other releases"
-                    assert any(matches(peer["podSelector"], labels[n]) for n in ("gateway", "worker")), peer
-                else:  # KEDA's operator reads the stream to scale the workers
-                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+        assert all(matches(peer["podSelector"], redis_pod) for r in to_redis for peer in r["to"])
 
 
 # -- dashboard ------------------------------------------------------------------------------------------------------
@@ -964,6 +1182,13 @@ def test_profile_files_only_set_existing_values(profile: str) -> None:
 NO_CREDENTIALS = "the gateway needs credentials and refuses to start without them: set gateway.auth.keysSecret"
 
 
+def _pools(*pools: dict[str, Any]) -> list[str]:
+    return [*KEYS, "--set-json", "workerPools=" + json.dumps(list(pools))]
+
+
+_POOL = {"name": "alpha", "models": "alpha:2", "lanes": ["0123456789ab"]}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -1007,6 +1232,33 @@ NO_CREDENTIALS = "the gateway needs credentials and refuses to start without the
             [*KEYS, "--set", "gateway.auth.auditStreamMaxLen=-1"],
             "gateway.auth.auditStreamMaxLen must be a whole number",
         ),
+        (_pools({**_POOL, "name": "Alpha_2"}), 'workerPools[0].name "Alpha_2" must be a DNS label'),
+        (_pools({**_POOL, "name": "a" * 60}), "is longer than 63 characters"),
+        (_pools(_POOL, {**_POOL, "lanes": ["ba9876543210"]}), "pool names must be unique"),
+        (
+            _pools({**_POOL, "lanes": ["0123456789AB"]}),
+            'workerPools[0] (alpha).lanes: lane "0123456789AB" must be 12 lowercase hex digits',
+        ),
+        (_pools({**_POOL, "lanes": ["0123456789a"]}), "must be 12 lowercase hex digits"),
+        (_pools({**_POOL, "lanes": [123456789012]}), "is not a string: quote it"),
+        ([*KEYS, "--set", "worker.lanes[0]=147b7e47c6c"], 'worker.lanes: lane "147b7e47c6c" must be 12 lowercase'),
+        ([*KEYS, "--set", "keda.enabled=true", "--set-json", "worker.lanes=[]"], "worker.lanes is empty"),
+        (_pools({**_POOL, "models": ""}), "workerPools[0] (alpha).models is empty"),
+        (_pools({**_POOL, "models": "alpha/2"}), 'models: "alpha/2" is not NAME or NAME:VERSION'),
+        (_pools({**_POOL, "lane": ["0123456789ab"]}), "workerPools[0].lane is not a pool setting"),
+        (_pools({**_POOL, "keda": {"address": "x:6379"}}), "keda.address cannot be set per pool"),
+        (
+            [*_pools({"name": "alpha", "models": "alpha"}), "--set", "keda.enabled=true"],
+            "workerPools[0] (alpha).lanes is empty: KEDA scales",
+        ),
+        ([*KEYS, "--set", "worker.enabled=false"], "no worker would run a model"),
+        (
+            [
+                *_pools({**_POOL, "keda": {"enabled": True, "minReplicaCount": 0}}),
+                *("--set", "worker.enabled=false"),
+            ],
+            "readinessPath",
+        ),
     ],
     ids=[
         "profile",
@@ -1023,6 +1275,21 @@ NO_CREDENTIALS = "the gateway needs credentials and refuses to start without the
         "private-metrics-with-service-monitor",
         "tenant-max-pending",
         "audit-stream-max-len",
+        "pool-name-not-a-dns-label",
+        "pool-name-too-long",
+        "pool-name-twice",
+        "pool-lane-uppercase",
+        "pool-lane-short",
+        "pool-lane-a-number",
+        "default-lane",
+        "default-lanes-empty-with-keda",
+        "pool-models-empty",
+        "pool-models-not-plain",
+        "pool-unknown-setting",
+        "pool-keda-address",
+        "pool-lanes-empty-with-keda",
+        "no-worker-at-all",
+        "pools-only-scale-to-zero-deadlock",
     ],
 )
 def test_chart_refuses_broken_combinations(args: list[str], message: str) -> None:
@@ -1031,3 +1298,24 @@ def test_chart_refuses_broken_combinations(args: list[str], message: str) -> Non
     result = template(*args)
     assert result.returncode != 0, f"rendered although it should not: {args}"
     assert message in result.stderr, result.stderr
+
+
+def test_pools_run_without_the_default_worker() -> None:
+    """worker.enabled=false: only the pools' Deployments, each with its PDB, Service and ScaledObject; nothing left of
+    the default worker, and the pools scale to zero once the gateway queues without a warm worker."""
+    result = template(
+        *_pools(_POOL, {"name": "beta", "models": "beta", "lanes": ["ba9876543210"], "keda": {"minReplicaCount": 0}}),
+        *("--set", "worker.enabled=false"),
+        *("--set", "gateway.readinessPath=/v2/health/live"),
+        *ALL_ON,
+    )
+    assert result.returncode == 0, result.stderr
+    docs = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+    assert not [d for d in docs if component(d) == "worker"], "the default worker was rendered"
+    names = {d["metadata"]["name"] for d in worker_deployments(docs)}
+    assert names == {"c2p-c2p-serve-worker-alpha", "c2p-c2p-serve-worker-beta"}
+    for kind in ("PodDisruptionBudget", "Service", "ScaledObject"):
+        assert {d["metadata"]["name"] for d in of_kind(docs, kind) if component(d) == "worker-pool"} == names, kind
+    scaled = {s["metadata"]["name"]: s["spec"] for s in of_kind(docs, "ScaledObject")}
+    assert scaled["c2p-c2p-serve-worker-beta"]["minReplicaCount"] == 0
+    assert scaled["c2p-c2p-serve-worker-beta"]["triggers"][0]["metadata"]["stream"] == "c2p:jobs:ba9876543210"
