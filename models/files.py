@@ -28,11 +28,13 @@ RAW_FOLDER = "rawTs"
 
 def write_scan(path: Path, raw: np.ndarray, units: str | None) -> Path:
     """One 2D scan as a one-slice NIfTI, indexed as the project's reader and nnU-Net index it (rows along voxel
-    axis 1): CT as int16 HU, anything else float32."""
+    axis 1): CT as int16 HU, anything else float32. The affine says what the picture shows: columns towards the
+    patient's left, rows towards posterior, as an axial slice is displayed, which is the convention the service
+    slices NIfTI volumes into (service/inputs/orientation.py), so the service sees the picture as drawn."""
     import nibabel as nib
 
     values = np.rint(raw).astype(np.int16) if units == "CT" else raw.astype(np.float32)
-    image = nib.Nifti1Image(np.ascontiguousarray(values.T[..., None]), np.eye(4))
+    image = nib.Nifti1Image(np.ascontiguousarray(values.T[..., None]), np.diag([-1.0, -1.0, 1.0, 1.0]))
     image.header.set_xyzt_units("mm")
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)

@@ -48,6 +48,9 @@ class LimitSettings(BaseModel):
     # ... checked only beyond this decoded size: a blank image compresses far better than 200:1 and is a valid
     # input (an all-zero 197 x 233 NIfTI is 3 MB from 8 KB), while a bomb still has to be large to hurt.
     expansion_floor_bytes: int = Field(64 * MIB, ge=0)
+    # A DICOM series is one regular volume: a slice step more than this far (relative) from the median is a missing
+    # slice or irregular spacing, and the series is refused (service/inputs/dicom/spacing.py).
+    slice_spacing_tolerance: float = Field(0.1, gt=0, lt=1)
 
     def expansion_bound(self, stored: int) -> int:
         """The most a compressed member of ``stored`` bytes may decode to (before the upload limit)."""
@@ -82,6 +85,9 @@ class WorkerSettings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     # Threshold on the fused probability; the mask is what a caller gets, the probability is not sent.
     threshold: float = Field(0.5, gt=0, lt=1)
+    # The plane NIfTI volumes are sliced in, whatever voxel order the file has (service/inputs/orientation.py);
+    # DICOM series are sliced as acquired.
+    slice_plane: Literal["axial", "coronal", "sagittal"] = "axial"
     # Volume consistency: a slice whose area jumps this many MADs from its neighbours' is an outlier. Outliers
     # are flagged (reliability.outlier_slices) and kept: a real small finding on one to three slices looks
     # exactly like one. Erasing them is an opt-in.
@@ -212,6 +218,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # The service's address as its callers reach it (behind a proxy or an ingress), e.g. https://c2p.example.org:
+    # the base of the URLs it hands out (STOW-RS RetrieveURL). Unset: the address each request came to.
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     grpc_port: int = Field(8001, ge=1, le=65535)
     redis_url: str | None = None
     # API keys, comma-separated entries TENANT:sha256:HEX (hashes, never the keys themselves); see AuthSettings.

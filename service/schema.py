@@ -57,6 +57,12 @@ class InputInfo(_Model):
         " e.g. LPS for an axial DICOM series, PSR-like codes for a sagittal one, RAS for a standard NIfTI",
     )
     affine: list[list[float]] | None = Field(None, description="4x4 voxel-to-world matrix when known")
+    stored_orientation: str | None = Field(
+        None,
+        description="a NIfTI file's own axis codes when its voxels were reoriented to be sliced in the configured"
+        " plane; shape, affine, orientation and the mask are then on the reoriented grid (same world), and the NIfTI"
+        " output is written back on the file's own grid",
+    )
     preprocessing: Preprocessing
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import signal
@@ -45,14 +46,16 @@ def series(folder: Path, names: tuple[str, ...]) -> list[Path]:
     """A real CT slice (pydicom's CT_small) made into a series of len(names) slices 5 mm apart."""
     source = dcmread(get_testdata_file("CT_small.dcm"))
     series_uid = generate_uid()
+    # Read once: Dataset.copy() is shallow, so setting a copy's position once moved the source's too and the
+    # slices came out 0, 5, 15 mm apart (a gapped series, which the service now refuses).
+    x, y, z = (float(v) for v in source.ImagePositionPatient)
     paths = []
     for index, name in enumerate(names):
-        slice_ = source.copy()
+        slice_ = copy.deepcopy(source)
         slice_.SeriesInstanceUID = series_uid
         slice_.SOPInstanceUID = generate_uid()
         slice_.file_meta.MediaStorageSOPInstanceUID = slice_.SOPInstanceUID
         slice_.InstanceNumber = index + 1
-        x, y, z = (float(v) for v in source.ImagePositionPatient)
         slice_.ImagePositionPatient = [x, y, z + 5.0 * index]
         slice_.SliceLocation = z + 5.0 * index
         path = folder / name

@@ -56,12 +56,15 @@ def test_segment_writes_json_nifti_and_png(exported: Path, tmp_path: Path, capsy
 
     result = SegmentationResult.model_validate_json((out / "brain.json").read_text())
     assert result.input.shape == (5, 40, 48) and len(result.mask.slices) == 5
+    # sliced axially in the display convention (columns to the left, rows to posterior): this RAS file's x and y
+    # reversed; the NIfTI goes back on the file's own grid
+    assert (result.input.stored_orientation, result.input.orientation) == ("RAS", "LPS")
     labelmap = nib.load(out / "brain.nii.gz")
     assert labelmap.shape == data.shape and np.allclose(labelmap.affine, affine)
     stored = np.asarray(labelmap.dataobj)
     for entry in result.mask.slices:  # the NIfTI and the RLE hold the same masks
         mask = rle.decode({"size": list(result.mask.size), "counts": entry.counts})
-        assert np.array_equal(stored[:, :, entry.index].T, mask)
+        assert np.array_equal(stored[::-1, ::-1, entry.index].T, mask)
     with Image.open(out / "photo.png") as overlay:
         assert overlay.size == (80, 64) and overlay.mode == "RGB"
     assert (out / "photo.json").is_file() and not (out / "broken.json").exists()

@@ -145,6 +145,13 @@ class Failure:
     message: str  # logged, not sent: DICOM JSON has no place for it and it may quote file content
 
 
+def public_url(request: Request, path: str) -> str:
+    """Where a caller reaches ``path``: under ``C2P_PUBLIC_URL`` behind a proxy, else the scheme, host and port the
+    request came to (its Host header), so a RetrieveURL resolves for the PACS that sent the instances."""
+    base = request.app.state.settings.public_url or str(request.base_url)
+    return base.rstrip("/") + path
+
+
 def boundary_of(content_type: str) -> bytes:
     """The boundary of a ``multipart/related; type="application/dicom"`` body; anything else is refused."""
     media, options = parse_options_header(content_type)
@@ -320,7 +327,7 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
             log.info("STOW-RS: a series of %d instances refused: %s", len(members), err.code)
             continue
         await request.app.state.access.record("submit", principal, API, job.id, instances=len(members))
-        url = str(request.url_for("get_job", job_id=job.id))
+        url = public_url(request, str(request.app.url_path_for("get_job", job_id=job.id)))
         stored += [(i, url) for i in members]
         metrics.request_success.labels(API).inc()
         log.info("STOW-RS: job %s for a series of %d instances", job.id, len(members))

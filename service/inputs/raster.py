@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, ServiceError
@@ -43,9 +43,23 @@ def _opened(member: Member, fmt: Format, limits: LimitSettings) -> Iterator[Imag
         raise InvalidImage(f"{what}: not a readable {fmt.upper()} ({type(exc).__name__})") from exc
 
 
+# EXIF orientations that turn the picture a quarter: it is displayed (and segmented) with width and height swapped.
+_QUARTER_TURNS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+def _exif_orientation(picture: Image.Image) -> int:
+    try:
+        return int(picture.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: the picture as stored
+        return 1
+
+
 def probe(member: Member, fmt: Format, limits: LimitSettings, modality_hint: str | None) -> InputHeader:
     with _opened(member, fmt, limits) as picture:
         width, height = picture.size
+        if _exif_orientation(picture) in _QUARTER_TURNS:
+            width, height = height, width
         channels = 1 if picture.mode in _GREY_MODES else 3
     return InputHeader(fmt, modality_hint, (1, height, width), channels, 1, None)
 
@@ -69,8 +83,15 @@ def _pixels(picture: Image.Image) -> np.ndarray:
 
 
 def decode(member: Member, fmt: Format, limits: LimitSettings, modality_hint: str | None) -> Volume:
+    """The picture as a viewer displays it: a photograph's EXIF orientation is applied, so the mask lines up with
+    what a reader sees (a phone's dermoscopy photo is often stored sideways)."""
     with _opened(member, fmt, limits) as picture:
         picture.load()
+        if _exif_orientation(picture) != 1:
+            try:
+                picture = ImageOps.exif_transpose(picture)
+            except Exception as exc:
+                raise InvalidImage(f"{member.label}: its EXIF orientation cannot be applied") from exc
         pixels = _pixels(picture)
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise InvalidImage(f"{member.label}: pixels that are not finite")

@@ -54,6 +54,8 @@ class Volume:
     window: tuple[float, float] | None = None  # (center, width) in rescaled units
     photometric: str | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The file's own axis codes when the voxels were reoriented for slicing (service/inputs/orientation.py).
+    stored_orientation: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

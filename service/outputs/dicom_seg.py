@@ -39,9 +39,11 @@ without it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import re
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +54,6 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from service.errors import InvalidRequest
 from service.outputs.dicom_headers import REQUIRED_KEYWORDS, quiet
@@ -202,6 +203,26 @@ def _comment_frames(
 # -------------------------------------------------------------------------------------------------- the SEG
 
 
+def stable_uids(sources: Sequence[Dataset], masks: np.ndarray, digest: str, series_number: int) -> tuple[str, str]:
+    """The SEG's SeriesInstanceUID and SOPInstanceUID, derived (2.25 UIDs from a hash, PS3.5 B.2) from what the SEG
+    is made of: the source series and instances, the model's artifact digest, the series number and the masks
+    themselves. The same request gives the same SEG, so a PACS that receives it twice stores it once, and a SEG
+    with other content can never reuse a UID."""
+    ingredients = [
+        str(sources[0].SeriesInstanceUID),
+        *sorted(str(ds.SOPInstanceUID) for ds in sources),
+        digest,
+        str(series_number),
+        hashlib.sha256(np.packbits(masks.astype(bool)).tobytes() + str(masks.shape).encode()).hexdigest(),
+    ]
+    joined = "\n".join(ingredients)
+    # pydicom's generate_uid(None, ...) ignores its entropy and draws a random UUID: a name-based UUID is stable.
+    return (
+        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, joined + '/series').int}",
+        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, joined + '/instance').int}",
+    )
+
+
 def dicom_seg(
     sources: Sequence[Dataset],
     masks: np.ndarray,
@@ -261,6 +282,7 @@ def dicom_seg(
             planes = planes[:1]
 
     model = result.model
+    series_uid, instance_uid = stable_uids(sources, binary, model.digest, series_number)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name,
         family=codes.cid7162.ArtificialIntelligence,
@@ -285,9 +307,9 @@ def dicom_seg(
                 pixel_array=planes,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[description],
-                series_instance_uid=generate_uid(),
+                series_instance_uid=series_uid,
                 series_number=series_number,
-                sop_instance_uid=generate_uid(),
+                sop_instance_uid=instance_uid,
                 instance_number=1,
                 manufacturer=_clip(manufacturer, _LO),
                 manufacturer_model_name=_clip(model.name, _LO),

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidImage, InvalidRequest, OutputNotAvailable, ServiceError
+from service.inputs import orientation
 from service.inputs.volume import Volume
 from service.outputs import dicom_headers, rle, writers
 from service.schema import SegmentationResult
@@ -149,7 +150,10 @@ def render(
         return result.model_dump_json().encode()
     if format_ == "nifti":
         grid = result.input
-        return writers.nifti(masks_of(result), writers.nifti_affine(grid.format, grid.affine, grid.spacing))
+        masks, affine = masks_of(result), writers.nifti_affine(grid.format, grid.affine, grid.spacing)
+        if grid.stored_orientation:  # back on the file's own voxel grid, voxel for voxel
+            masks, affine = orientation.restore(masks, affine, tuple(grid.stored_orientation))
+        return writers.nifti(masks, affine)
     index = _index(members)
     if format_ == "png":
         return _png(result, members, index, slice_index)

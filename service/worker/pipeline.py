@@ -10,6 +10,7 @@ once, and only the small network-resolution probability of each slice is kept un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -20,7 +21,8 @@ import numpy as np
 
 from models.recipe import Recipe
 from service.config import Settings
-from service.inputs import Upload, Volume, decode
+from service.inputs import Upload, Volume, decode, orientation
+from service.inputs.orientation import Plane
 from service.ops import tracing
 from service.outputs import rle
 from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
@@ -97,6 +99,7 @@ class Pipeline:
         start = time.perf_counter()
         with tracing.span("c2p.decode"):
             volume = await self._in_thread(decode, files, self.settings.limits, modality_hint)
+            volume = await self._in_thread(reoriented, volume, self.settings.worker.slice_plane)
             plan = await self._in_thread(preprocess.plan, volume, self.size, self.recipe)
         decoded = time.perf_counter()
 
@@ -137,6 +140,7 @@ class Pipeline:
                 spacing=volume.spacing,
                 orientation=volume.orientation,
                 affine=None if volume.affine is None else np.asarray(volume.affine, dtype=float).round(6).tolist(),
+                stored_orientation=volume.stored_orientation,
                 preprocessing=plan,
             ),
             mask=Mask(size=(height, width), slices=encoded),
@@ -192,6 +196,23 @@ class Pipeline:
             for task in in_flight:
                 task.cancel()
         return [r for r in results if r is not None]
+
+
+def reoriented(volume: Volume, plane: Plane) -> Volume:
+    """A NIfTI volume in the slicing plane's display convention (service/inputs/orientation.py); others as they are."""
+    if volume.format != "nifti" or volume.affine is None:
+        return volume
+    stored = "".join(orientation.axis_codes(volume.affine))
+    pixels, affine, spacing = orientation.canonical(volume.pixels, volume.affine, volume.spacing, plane)
+    target = "".join(orientation.PLANES[plane])
+    return dataclasses.replace(
+        volume,
+        pixels=pixels,
+        affine=affine,
+        spacing=spacing,
+        orientation=target,
+        stored_orientation=None if stored == target else stored,
+    )
 
 
 def _collect(finished: set[asyncio.Task]) -> int:

@@ -534,3 +534,25 @@ def test_the_segment_is_coded_with_the_read_out_concept(tmp_path: Path) -> None:
     assert segment.SegmentLabel == MODEL.name
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"  # SCT Tissue
     assert_valid(tmp_path)
+
+
+def test_the_same_request_gives_the_same_seg_uids() -> None:
+    """(issue 20, item 6) UIDs derived from the sources, the model and the masks: a PACS that gets the SEG twice
+    stores it once, and other content never reuses a UID."""
+    series = ct_series(3)
+    masks = np.stack([disc(128, 128, (64, 64), 10 + z) for z in range(3)])
+    slices = [(z, None) for z in range(3)]
+
+    def uids(masks: np.ndarray, result: SegmentationResult) -> tuple[str, str]:
+        seg = pydicom.dcmread(io.BytesIO(dicom_seg(series, masks, slices, result)))
+        assert str(seg.SeriesInstanceUID).startswith("2.25.") and seg.SeriesInstanceUID != seg.SOPInstanceUID
+        return str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID)
+
+    first = uids(masks, make_result(3))
+    assert uids(masks, make_result(3)) == first
+    other_mask = masks.copy()
+    other_mask[1, 0, 0] = True
+    assert uids(other_mask, make_result(3))[0] != first[0]
+    other_model = make_result(3)
+    other_model.model.digest = "f" * 64
+    assert uids(masks, other_model)[0] != first[0]

@@ -15,7 +15,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from service.config import DicomWebSettings, QueueSettings
+from service.config import DicomWebSettings, QueueSettings, Settings
 from service.gateway import dicomweb
 from tests.service.harness import engine_for, make_settings, running
 from tests.service.test_dicom_seg import dciodvfy_errors
@@ -227,5 +227,32 @@ def test_finished_segs_are_forwarded_with_retries_and_refusals_recorded(
             failed = job["forwarding"]
             assert failed["status"] == "failed" and failed["attempts"] == 1 and "400" in failed["error"]
             assert len(handler.received) == 1
+
+    asyncio.run(scenario())
+
+
+def test_retrieve_urls_keep_the_port_or_use_the_public_url(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    """(issue 20, item 4) A PACS on another port follows RetrieveURL: it must carry the port it posted to, or the
+    configured public base behind a proxy."""
+    ct = [data for _, data in ct_series()[0]][:1]
+    body, content_type = related(*ct)
+
+    async def retrieve_url(settings: Settings, host: str) -> str:
+        async with running(settings, None, worker=False) as (http, _):
+            answer = await http.post(
+                "/dicomweb/studies", content=body, headers={"content-type": content_type, "host": host}
+            )
+            assert answer.status_code == 200, answer.text
+            return items(answer.json(), REFERENCED)[0][RETRIEVE_URL]["Value"][0]
+
+    async def scenario() -> None:
+        settings = make_settings(redis_url, queue_settings, exported)
+        assert (await retrieve_url(settings, "pacs-bridge.example:8443")).startswith(
+            "http://pacs-bridge.example:8443/v1/segmentations/"
+        )
+        behind = settings.model_copy(update={"public_url": "https://c2p.example.org/ai/"})
+        assert (await retrieve_url(behind, "10.0.0.7:8000")).startswith("https://c2p.example.org/ai/v1/segmentations/")
 
     asyncio.run(scenario())

@@ -176,8 +176,9 @@ def full_job() -> Job:
             shape=(2, 96, 128),
             channels=1,
             spacing=(2.5, 0.9, 0.8),
-            orientation="RAS",
-            affine=[[0.8, 0, 0, -10], [0, 0.9, 0, 5], [0, 0, 2.5, 30], [0, 0, 0, 1]],
+            orientation="LPS",
+            affine=[[-0.8, 0, 0, 21.2], [0, -0.9, 0, 31.1], [0, 0, 2.5, 30], [0, 0, 0, 1]],
+            stored_orientation="RAS",
             preprocessing=Preprocessing(method="ct-window", window=(40, 400), percentiles=(0.5, 99.5), input_size=64),
         ),
         mask=Mask(
@@ -237,7 +238,7 @@ def test_a_full_job_round_trips_through_the_proto_and_the_wire() -> None:
     measured = message.result.reliability.slices[0].geometry_measured
     assert measured["perimeter"].WhichOneof("kind") == "null_value"
     assert measured["area"].number_value == 0.0
-    assert [v.number_value for v in message.result.input.affine[0].values] == [0.8, 0, 0, -10]
+    assert [v.number_value for v in message.result.input.affine[0].values] == [-0.8, 0, 0, 21.2]
 
 
 def test_absent_optionals_round_trip_as_none() -> None:
@@ -248,6 +249,7 @@ def test_absent_optionals_round_trip_as_none() -> None:
             "spacing": None,
             "orientation": None,
             "affine": None,
+            "stored_orientation": None,
             "preprocessing": Preprocessing(method="rgb", input_size=64),
         }
     )

@@ -87,7 +87,11 @@ def test_nifti_volume_mask_comes_back_on_the_input_grid(
             result = response.json()["result"]
             assert result["input"]["shape"] == [6, 30, 40]
             assert result["input"]["spacing"] == pytest.approx([2.5, 0.9, 0.8])
-            assert np.allclose(result["input"]["affine"], affine)
+            # reoriented for axial slicing (RAS -> LPS voxel order): the same world, x and y reversed
+            assert (result["input"]["stored_orientation"], result["input"]["orientation"]) == ("RAS", "LPS")
+            canonical = np.asarray(result["input"]["affine"])
+            assert np.allclose(canonical @ [0, 0, 3, 1], affine @ [39, 29, 3, 1])
+            assert np.allclose(canonical @ [39, 29, 0, 1], affine @ [0, 0, 0, 1])
             assert result["input"]["modality"] == "MR"
             assert result["input"]["preprocessing"]["method"] == "percentile"
             assert result["mask"]["size"] == [30, 40]

@@ -17,6 +17,7 @@ from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage
 from service.inputs.dicom.headers import Header, read_header
 from service.inputs.dicom.pixels import GreyStore, decode_file
+from service.inputs.dicom.spacing import check_positions
 from service.inputs.volume import InputHeader, Member, Volume, repair_non_finite
 
 # Axis codes in DICOM's patient frame: each world axis as (towards negative, towards positive).
@@ -52,6 +53,7 @@ def _check_series(headers: list[Header], limits: LimitSettings) -> None:
 def probe(members: list[Member], limits: LimitSettings, modality_hint: str | None) -> InputHeader:
     headers = [read_header(m, limits) for m in members]
     _check_series(headers, limits)
+    _order(headers, limits.slice_spacing_tolerance)  # a 4D, gapped or irregular series is refused at the gateway
     first = headers[0]
     return InputHeader(
         format="dicom",
@@ -71,24 +73,27 @@ class _Order:
     step: float | None  # median distance between slices along the normal
 
 
-def _order(headers: list[Header]) -> _Order:
-    """Slices sorted along the slice normal when every one has a position (and no two share one), else by
-    InstanceNumber, else in upload and frame order."""
+def _order(headers: list[Header], tolerance: float) -> _Order:
+    """Slices sorted along the slice normal when every one has a position, never by InstanceNumber then; a series
+    that is not one regular volume along it (repeated positions, a gap, irregular steps: spacing.py) or whose
+    slices are not parallel is refused. Without positions: by InstanceNumber, else in upload and frame order."""
     entries = [(i, f) for i, h in enumerate(headers) for f in range(h.frames)]
     positions = [headers[i].positions[f] for i, f in entries]
     orientation = headers[0].orientation
-    usable = (
-        orientation is not None
-        and all(h.orientation is not None and np.allclose(h.orientation, orientation, atol=1e-3) for h in headers)
-        and all(p is not None for p in positions)
-    )
-    if usable and len(entries) > 1:
+    placed = orientation is not None and all(p is not None for p in positions)
+    if placed and len(entries) > 1:
+        for h in headers:
+            if h.orientation is None or not np.allclose(h.orientation, orientation, atol=1e-3):
+                raise InvalidImage(
+                    f"mixed orientations: {h.label}'s slices are not parallel to {headers[0].label}'s "
+                    "(ImageOrientationPatient); send each plane as its own series"
+                )
         normal = np.cross(orientation[:3], orientation[3:])  # type: ignore[index]
         along = [float(p @ normal) for p in positions]  # type: ignore[operator]
-        keys = sorted(range(len(entries)), key=lambda k: (along[k], headers[entries[k][0]].instance_number or 0, k))
-        gaps = np.diff([along[k] for k in keys])
-        if (gaps > 1e-3).all():
-            return _Order([entries[k] for k in keys], True, [positions[k] for k in keys], float(np.median(gaps)))
+        keys = sorted(range(len(entries)), key=lambda k: (along[k], k))
+        step = check_positions([along[k] for k in keys], tolerance)
+        return _Order([entries[k] for k in keys], True, [positions[k] for k in keys], step)
+    usable = placed
     if all(h.instance_number is not None for h in headers):
         keys = sorted(range(len(entries)), key=lambda k: (headers[entries[k][0]].instance_number, entries[k][1], k))
     else:
@@ -121,7 +126,7 @@ def _geometry(first: Header, order: _Order) -> tuple[tuple[float, float, float] 
 def decode(members: list[Member], limits: LimitSettings, modality_hint: str | None) -> Volume:
     headers = [read_header(m, limits) for m in members]
     _check_series(headers, limits)
-    order = _order(headers)
+    order = _order(headers, limits.slice_spacing_tolerance)
     first = headers[order.slices[0][0]]
     shape = (len(order.slices), first.rows, first.columns)
     slot = {entry: z for z, entry in enumerate(order.slices)}
