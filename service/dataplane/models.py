@@ -148,6 +148,7 @@ class ModelDirectory:
         self.client = client
         self.prefix = prefix
         self._readable = readable
+        self._registering = asyncio.Lock()
         self._read: tuple[float, list[Version]] | None = None
 
     @classmethod
@@ -158,13 +159,7 @@ class ModelDirectory:
         return cls(client, settings.queue.prefix, readable)
 
     async def versions(self, fresh: bool = True) -> list[Version]:
-        if self._readable is not None:
-            readable, self._readable = self._readable, None
-            try:
-                await self.register(await asyncio.to_thread(readable))
-            except (Unavailable, OSError) as err:
-                self._readable = readable  # try again next time
-                log.warning("could not register the models on disk (%s); routing by announcements", err)
+        await self._register_readable()
         now = time.monotonic()
         if fresh or self._read is None or now - self._read[0] >= WORKERS_TTL_S:
             try:
@@ -174,6 +169,20 @@ class ModelDirectory:
                 raise Unavailable("redis is not answering") from exc
             self._read = (now, served_versions(workers, register))
         return self._read[1]
+
+    async def _register_readable(self) -> None:
+        """Once, before the first read: callers that come while it runs wait for it (the stats loop and the first
+        request start together, and a read before the register is written would route nothing for WORKERS_TTL_S)."""
+        if self._readable is None:
+            return
+        async with self._registering:
+            if self._readable is None:
+                return
+            try:
+                await self.register(await asyncio.to_thread(self._readable))
+                self._readable = None
+            except (Unavailable, OSError) as err:
+                log.warning("could not register the models on disk (%s); routing by announcements", err)
 
     async def register(self, models: list[dict[str, Any]]) -> None:
         """Make models known for routing before any worker announces them (a gateway that can read them)."""

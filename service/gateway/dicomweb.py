@@ -68,6 +68,14 @@ REASONS = {
 
 UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
+# WarningReason (0008,1196) of an instance stored but not segmented: "elements discarded" (PS3.4 B.2.3), the nearest
+# status PS3.18 has for "kept, and nothing done with it".
+NOT_SEGMENTED = 0xB006
+# SOP classes a study carries beside its images that hold no image to segment: structured reports and key object
+# selections (.88), presentation states (.11), segmentations and other derived data (.66), RT objects (.481),
+# encapsulated documents (.104). A PACS sends them with the study; refusing them would fail its whole send.
+NON_IMAGE_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{family}." for family in ("88", "11", "66", "481", "104"))
+
 # The answers as documented in the OpenAPI schema: DICOM JSON for 200/202/409 (PS3.18 10.5.3), the service's error
 # body for a request refused as a whole. The routes build their responses themselves; the router's default response
 # class is the bare Response only so that FastAPI does not document a 200 of application/json besides these.
@@ -221,10 +229,19 @@ async def read_parts(request: Request, limits: LimitSettings) -> list[Part]:
     return parts
 
 
-def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], list[Failure]]:
-    """Each part as an Instance, or a Failure with its reason. Headers only: pixels are the worker's business."""
+def is_image(ds: Any) -> bool:
+    """Whether an instance holds pixels to segment: not a non-image SOP class, and with Rows and Columns."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    return not sop_class.startswith(NON_IMAGE_CLASSES) and "Rows" in ds and "Columns" in ds
+
+
+def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], list[Instance], list[Failure]]:
+    """Each part as an image Instance, an Instance without an image (acknowledged, not segmented) or a Failure with
+    its reason; a SOPInstanceUID sent twice in one request counts once. Headers only: pixels are the worker's."""
     instances: list[Instance] = []
+    others: list[Instance] = []
     failures: list[Failure] = []
+    seen: set[str] = set()
     for index, part in enumerate(parts):
         media = part.headers.get("content-type", MEDIA_DICOM).split(";")[0].strip().lower()
         if media != MEDIA_DICOM:
@@ -252,8 +269,13 @@ def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], 
                 Failure(sop_class, sop_instance, DOES_NOT_MATCH, f"part {index + 1}: another study than the URL's")
             )
             continue
-        instances.append(Instance(index, sop_class, sop_instance, study_uid, series_uid, data))
-    return instances, failures
+        if sop_instance in seen:  # a sender's retry inside one request: stored once
+            continue
+        seen.add(sop_instance)
+        (instances if is_image(ds) else others).append(
+            Instance(index, sop_class, sop_instance, study_uid, series_uid, data)
+        )
+    return instances, others, failures
 
 
 def by_series(instances: Sequence[Instance]) -> dict[str, list[Instance]]:
@@ -272,15 +294,22 @@ def _sop_item(sop_class: str | None, sop_instance: str | None) -> dict[str, Any]
     return item
 
 
-def stow_response(stored: Sequence[tuple[Instance, str]], failures: Sequence[Failure]) -> tuple[int, dict[str, Any]]:
-    """The status and DICOM JSON body; ``stored`` pairs each accepted instance with its job's URL."""
+def stow_response(
+    stored: Sequence[tuple[Instance, str]], failures: Sequence[Failure], ignored: Sequence[Instance] = ()
+) -> tuple[int, dict[str, Any]]:
+    """The status and DICOM JSON body; ``stored`` pairs each accepted instance with its job's URL; ``ignored`` are
+    acknowledged with a warning and no URL (nothing to segment in them)."""
     body: dict[str, Any] = {}
-    if stored:
+    if stored or ignored:
         body["00081199"] = {
             "vr": "SQ",
             "Value": [
                 {**_sop_item(i.sop_class_uid, i.sop_instance_uid), "00081190": {"vr": "UR", "Value": [url]}}
                 for i, url in stored
+            ]
+            + [
+                {**_sop_item(i.sop_class_uid, i.sop_instance_uid), "00081196": {"vr": "US", "Value": [NOT_SEGMENTED]}}
+                for i in ignored
             ],
         }
     if failures:
@@ -291,7 +320,7 @@ def stow_response(stored: Sequence[tuple[Instance, str]], failures: Sequence[Fai
                 for f in failures
             ],
         }
-    status = 200 if not failures else 202 if stored else 409
+    status = 200 if not failures and not ignored else 202 if stored or ignored else 409
     return status, body
 
 
@@ -299,7 +328,7 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
     settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
     parts = await read_parts(request, settings.limits)
-    instances, failures = await run_in_threadpool(identify, parts, study)
+    instances, ignored, failures = await run_in_threadpool(identify, parts, study)
     del parts
     queue: JobQueue = request.app.state.queue
     deliver = settings.dicomweb.destination_url is not None
@@ -334,7 +363,7 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
     for failure in failures:
         if failure.reason == CANNOT_UNDERSTAND:
             log.info("STOW-RS: refused an instance: %s", failure.message)
-    status, body = stow_response(stored, failures)
+    status, body = stow_response(stored, failures, ignored)
     if status >= 400:  # none stored: the access log's line (gateway/app.py) quotes the answer's FailureReasons
         request.state.error_code = ",".join(sorted({f"0x{f.reason:04X}" for f in failures}))
     return JSONResponse(body, status_code=status, media_type=MEDIA_DICOM_JSON)

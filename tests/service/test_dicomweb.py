@@ -256,3 +256,52 @@ def test_retrieve_urls_keep_the_port_or_use_the_public_url(
         assert (await retrieve_url(behind, "10.0.0.7:8000")).startswith("https://c2p.example.org/ai/v1/segmentations/")
 
     asyncio.run(scenario())
+
+
+def test_objects_without_an_image_are_acknowledged_and_an_instance_sent_twice_counts_once(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    """(issue 20, item 4) A PACS sends a study whole: its structured reports, key objects, presentation states and
+    SEGs are acknowledged with a warning and not segmented, never failed; a retried instance is stored once."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ct = [data for _, data in ct_series()[0]][:2]
+    study = uid_of(ct[0], "StudyInstanceUID")
+
+    def non_image(sop_class: str) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, generate_uid(), "SR"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    report = non_image("1.2.840.10008.5.1.4.1.1.88.22")  # Enhanced SR
+    key_objects = non_image("1.2.840.10008.5.1.4.1.1.88.59")  # Key Object Selection
+    state = non_image("1.2.840.10008.5.1.4.1.1.11.1")  # Grayscale Softcopy Presentation State
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            body, content_type = related(*ct, ct[0], report, key_objects, state)
+            answer = await http.post("/dicomweb/studies", content=body, headers={"content-type": content_type})
+            assert answer.status_code == 202, answer.text  # stored, with warnings
+            assert FAILED not in answer.json()
+            stored = items(answer.json(), REFERENCED)
+            assert len(stored) == 5  # two images (the repeat counted once) and three acknowledged objects
+            urls = {i[RETRIEVE_URL]["Value"][0] for i in stored if RETRIEVE_URL in i}
+            assert len(urls) == 1  # one job: the CT series
+            warned = [i for i in stored if "00081196" in i]
+            assert {i[INSTANCE_UID]["Value"][0] for i in warned} == {
+                uid_of(d, "SOPInstanceUID") for d in (report, key_objects, state)
+            }
+            assert all(i["00081196"]["Value"] == [dicomweb.NOT_SEGMENTED] and RETRIEVE_URL not in i for i in warned)
+            job = (await http.get(urls.pop().split("c2p.test")[-1])).json()
+            assert job["status"] == "queued"
+
+    asyncio.run(scenario())
