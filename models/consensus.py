@@ -9,9 +9,11 @@ final mask, how much the views agree, and the fused concept embedding (the conce
 
 Weights are taken relative to the best view, w_i = exp(-5 (u_i - min u)), by default: the fusion is the same
 wherever exp(-5u) is representable, but when every view has u above about 4 the plain weights all underflow
-to 0 and sum(w p) / (sum(w) + 1e-8) erases the mask even where the views agree. The reference's formula
-(plain weights, that denominator) stays available as ``weighting="reference"`` for imported reference models.
-How far to trust the views is judged from u itself (reliability), never from the relative weights.
+to 0 and sum(w p) / (sum(w) + 1e-8) erases the mask even where the views agree. The reference's consensus
+stays available as ``weighting="reference"`` for imported reference models (``C2PConfig.consensus``): its plain
+weights and that denominator, and its measured centroid sum(x p) / sum(p) / W with x = 0..W-1 (ours measures
+at pixel centres, x + 1/2, as the GEO targets here are), so an imported model is fused exactly as its own code
+fuses it. How far to trust the views is judged from u itself (reliability), never from the relative weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from models.geometry import ATTRIBUTE_SLICES, flip_geometry, measure, soft_area, soft_centroid
+from models.variants import CONSENSUS_RULES
 
 VIEWS = ("identity", "hflip", "vflip")
 NUM_VIEWS = len(VIEWS)
@@ -30,7 +33,7 @@ WEIGHT_SHARPNESS = 5.0
 EMPTY_AREA = 0.001
 EMPTY_MEAN_PROB = 0.005
 THRESHOLD = 0.5
-WEIGHTINGS = ("relative", "reference")
+WEIGHTINGS = CONSENSUS_RULES
 
 
 class ConsensusOutput(NamedTuple):
@@ -82,10 +85,14 @@ def pairwise_dice(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(nothing, torch.ones_like(soft), soft)
 
 
-def view_inconsistency(prob: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
-    """u = 10|A - a| + ||C - c|| per view; prob [N, H, W] soft masks, geometry [N, 14] of the same views."""
+def view_inconsistency(prob: torch.Tensor, geometry: torch.Tensor, pixel_centres: bool = True) -> torch.Tensor:
+    """u = 10|A - a| + ||C - c|| per view; prob [N, H, W] soft masks, geometry [N, 14] of the same views.
+
+    ``pixel_centres=False`` measures C as the reference does (``soft_centroid``).
+    """
     area_gap = (soft_area(prob) - geometry[:, ATTRIBUTE_SLICES["area"]].squeeze(-1)).abs()
-    centroid_gap = torch.linalg.vector_norm(soft_centroid(prob) - geometry[:, ATTRIBUTE_SLICES["centroid"]], dim=-1)
+    measured = soft_centroid(prob, pixel_centres=pixel_centres)
+    centroid_gap = torch.linalg.vector_norm(measured - geometry[:, ATTRIBUTE_SLICES["centroid"]], dim=-1)
     return AREA_WEIGHT * area_gap + centroid_gap
 
 
@@ -105,11 +112,11 @@ def consensus(
     weighting: str = "relative",
 ) -> ConsensusOutput:
     """fg_logits [3B, 1, H, W], geometry [3B, 14] and concept embeddings [3B, T] (optional) from the views of
-    ``make_views`` -> fused outputs."""
+    ``make_views`` -> fused outputs. ``weighting`` is the rule, one of ``WEIGHTINGS`` (module docstring)."""
     n, _, h, w = fg_logits.shape
     b = n // NUM_VIEWS
     prob = torch.sigmoid(fg_logits[:, 0])  # [3B, H, W], each in its own view's frame
-    u = view_inconsistency(prob, geometry).reshape(NUM_VIEWS, b)
+    u = view_inconsistency(prob, geometry, pixel_centres=weighting != "reference").reshape(NUM_VIEWS, b)
     weights = view_weights(u, weighting)  # [3, B]
     total = weights.sum(0) + 1e-8
     views = _unflip_maps(prob.reshape(NUM_VIEWS, b, h, w))

@@ -31,6 +31,7 @@ __all__ = [
     "NUM_GEOMETRY",
     "flip_geometry",
     "measure",
+    "orientation_from_angle",
     "soft_area",
     "soft_centroid",
 ]
@@ -68,10 +69,12 @@ def soft_area(prob: Tensor) -> Tensor:
     return prob.to(_compute_dtype(prob)).mean(dim=(-2, -1))
 
 
-def soft_centroid(prob: Tensor, eps: float = 1e-6) -> Tensor:
+def soft_centroid(prob: Tensor, eps: float = 1e-6, pixel_centres: bool = True) -> Tensor:
     """[N, H, W] probabilities -> [N, 2] (cx, cy), probability-weighted, normalised like ``measure``.
 
     eps keeps an all-zero map finite (its centroid is then the first pixel centre, never NaN).
+    ``pixel_centres=False`` is the reference consensus's convention: sum(x p) / (sum p + eps) / W with
+    x = 0..W-1, half a pixel left of and above ours.
     """
     dtype = _compute_dtype(prob)
     p = prob.to(dtype)
@@ -79,9 +82,26 @@ def soft_centroid(prob: Tensor, eps: float = 1e-6) -> Tensor:
     xs = torch.arange(width, device=p.device, dtype=dtype)
     ys = torch.arange(height, device=p.device, dtype=dtype)
     mass = p.sum(dim=(-2, -1)) + eps
+    if not pixel_centres:
+        return torch.stack(
+            [(p.sum(dim=-2) * xs).sum(-1) / mass / width, (p.sum(dim=-1) * ys).sum(-1) / mass / height], -1
+        )
     cx = ((p.sum(dim=-2) * xs).sum(-1) / mass + 0.5) / width
     cy = ((p.sum(dim=-1) * ys).sum(-1) / mass + 0.5) / height
     return torch.stack([cx, cy], dim=-1)
+
+
+def orientation_from_angle(angle: Tensor) -> Tensor:
+    """[..., 1] the reference's orientation value o in [0, 1] -> [..., 2] our (orientation_sin, orientation_cos).
+
+    The reference predicts one number per mask and mirrors it as o -> 1 - o under either flip. Its targets are
+    not in its code; o = θ/π + 1/2 with θ = ``regionprops(...).orientation`` in [-π/2, π/2] is the reading that
+    its flip rule holds for (a mirror maps θ -> -θ), and tests/models/test_geometry.py checks that this map
+    then gives exactly ``measure``'s columns on rotated ellipses. With 2θ = 2πo - π:
+    ((sin 2θ + 1)/2, (cos 2θ + 1)/2) = ((1 - sin 2πo)/2, (1 - cos 2πo)/2), and o -> 1 - o is our flip of them.
+    """
+    turn = 2.0 * math.pi * angle
+    return torch.cat([0.5 * (1.0 - torch.sin(turn)), 0.5 * (1.0 - torch.cos(turn))], dim=-1)
 
 
 def _perimeter(m: Tensor) -> Tensor:

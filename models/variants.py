@@ -21,6 +21,56 @@ DECODER_CHANNELS = 64
 KERNEL_HIDDEN = 8
 KERNEL_SIZE = DECODER_CHANNELS * KERNEL_HIDDEN + KERNEL_HIDDEN * KERNEL_HIDDEN + KERNEL_HIDDEN
 
+# The reference reads its image positions from a table of 24 rows and 24 columns: inputs up to 24 * 32 = 768 px.
+REFERENCE_POSITION_TABLE = 24
+CONSENSUS_RULES = ("relative", "reference")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The structural choices where the reference code's network and ours differ, one flag each.
+
+    ``C2PConfig.layout`` names one of ``LAYOUTS``; models.network.assemble hands each part its flags, so the
+    parts stay ours and a reference checkpoint maps onto them name by name (models/reference.py).
+    """
+
+    qkv_bias: bool  # the attention's q/k/v projections have biases
+    norm_context: bool  # an interaction layer LayerNorms the side it attends to (keys and values), not only queries
+    split_positions: bool  # positions concat(row[D/2], col[D/2]) from a 24-table, not row[D] + col[D] over the grid
+    reinject_bias: bool  # the 1x1 re-injection conv has a bias
+    decoder_bias: bool  # the decoder's 3x3 convs have biases (before their BatchNorm)
+    up_to_skip: bool  # an up-conv ends on the skip's channels (the last block: 256 -> 128, then 3x3 256 -> 64)
+    mlp_norm: bool  # a LayerNorm after the first Linear of the kernel generators, SEM heads and SCFM
+    scfm_widths_from_backbone: bool  # SCFM style C2 and content C5/2 wide, not token_dim/2 each
+    style_eps: float  # SCFM style std = sqrt(var + eps); 0 keeps torch's std
+
+
+LAYOUTS: dict[str, Layout] = {
+    "c2p": Layout(
+        qkv_bias=True,
+        norm_context=True,
+        split_positions=False,
+        reinject_bias=True,
+        decoder_bias=False,
+        up_to_skip=False,
+        mlp_norm=False,
+        scfm_widths_from_backbone=False,
+        style_eps=0.0,
+    ),
+    # Every choice the other way, as the reference's network.py makes it.
+    "reference": Layout(
+        qkv_bias=False,
+        norm_context=False,
+        split_positions=True,
+        reinject_bias=False,
+        decoder_bias=True,
+        up_to_skip=True,
+        mlp_norm=True,
+        scfm_widths_from_backbone=True,
+        style_eps=1e-6,
+    ),
+}
+
 
 @dataclass(frozen=True)
 class C2PConfig:
@@ -45,6 +95,21 @@ class C2PConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     backbone_weights: str | None = None
+    # How the parts are laid out: "c2p" is ours; "reference" is Yundi218/Concept-to-Pixel's network.py (``Layout``),
+    # so that its checkpoints load (``c2p import-reference``). The options below are the reference's other choices.
+    layout: str = "c2p"
+    # 2: orientation as (sin 2θ, cos 2θ), as trained here; 1: the reference's single value o = θ/π + 1/2, turned into
+    # the same two columns inside the network (models.geometry.orientation_from_angle), so every model outputs 14.
+    orientation_values: int = 2
+    align_corners: bool = False  # bilinear upsampling of the stride-4 logits to the input (reference: True)
+    head_heads: int | None = None  # heads of the TGDH cross-attentions; None: num_heads (reference: 4)
+    # The consensus rule (models.consensus): "relative" weights exp(-5(u - min u)) and pixel-centre centroids;
+    # "reference" the reference's exp(-5u) and centroids sum(x p) / sum(p) / W with x = 0..W-1.
+    consensus: str = "relative"
+    # The TGDH's pooled GroupNorm from per-channel moments (models.network.head.pooled_group_norm): the same numbers,
+    # but exported exactly where the stride-4 map is large (base at 384: ONNX Runtime drifts 2e-4 otherwise). Off by
+    # default so that the shipped weights give the outputs they were evaluated with, bit for bit.
+    pooled_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size % 32:
@@ -60,6 +125,36 @@ class C2PConfig:
             raise ValueError(f"backbone must be a timm ConvNeXt-V2 (convnextv2_*), got {self.backbone!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std positive")
+        self._check_reference_options()
+
+    def _check_reference_options(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.consensus not in CONSENSUS_RULES:
+            raise ValueError(f"consensus must be one of {', '.join(CONSENSUS_RULES)}, got {self.consensus!r}")
+        if self.orientation_values not in (1, 2):
+            raise ValueError(f"orientation_values must be 1 (an angle) or 2 (sin, cos), got {self.orientation_values}")
+        if self.head_heads is not None and (self.head_heads < 1 or self.dim % self.head_heads):
+            raise ValueError(f"head_heads must be positive and divide dim {self.dim}, got {self.head_heads}")
+        if LAYOUTS[self.layout].split_positions:
+            if self.dim % 2:
+                raise ValueError(f"the {self.layout} layout splits positions into rows and columns: dim must be even")
+            if self.grid_size > REFERENCE_POSITION_TABLE:
+                table = REFERENCE_POSITION_TABLE
+                raise ValueError(
+                    f"the {self.layout} layout has positions for {table} x {table} image tokens: input_size must be "
+                    f"at most {32 * table}, got {self.input_size}"
+                )
+
+    @property
+    def parts(self) -> Layout:
+        """The structural flags of this config's layout."""
+        return LAYOUTS[self.layout]
+
+    @property
+    def tgdh_heads(self) -> int:
+        """Heads of the dynamic head's two cross-attentions."""
+        return self.num_heads if self.head_heads is None else self.head_heads
 
     @property
     def kernel_size(self) -> int:
@@ -97,6 +192,21 @@ VARIANTS: dict[str, C2PConfig] = {
         # The variant the service ships: small enough to train on a CPU and to fit a 25 MB checkpoint.
         C2PConfig("c2p-femto-256", "convnextv2_femto", 256, dim=128, token_dim=256),
         C2PConfig("c2p-femto-192", "convnextv2_femto", 192, dim=128, token_dim=256),
+        # The reference code's own network (network.py: base only, its channels are hard-coded), the target of
+        # ``c2p import-reference``: 768-d text heads, one orientation value, 4-head TGDH, its consensus.
+        C2PConfig(
+            "c2p-reference-base-384",
+            "convnextv2_base",
+            384,
+            text_dim=768,
+            geo_token_noise=0.01,
+            layout="reference",
+            orientation_values=1,
+            align_corners=True,
+            head_heads=4,
+            consensus="reference",
+            pooled_norm=True,
+        ),
         # For tests only: the same structure at a size CI runs in milliseconds.
         C2PConfig("c2p-test-64", "convnextv2_atto", 64, dim=64, token_dim=64, num_heads=4, geo_hidden=64),
     )

@@ -47,6 +47,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    """A checkpoint of the reference implementation (Yundi218/Concept-to-Pixel) as ours: NAME.safetensors + card."""
+    from models.checkpoint import read_card
+    from models.reference import import_reference
+
+    weights = import_reference(args.checkpoint, args.out, args.variant)
+    card = read_card(weights)
+    print(
+        json.dumps({"weights": str(weights), "variant": card["config"]["name"], "imported": card["imported"]}, indent=2)
+    )
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """The export folder a worker serves, written to --out: what an image bakes in at build time."""
     import shutil
@@ -247,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--no-check", action="store_true", help="skip the parity check against eager PyTorch")
     export.set_defaults(func=cmd_export)
+
+    imported = commands.add_parser(
+        "import-reference", help="a checkpoint of the reference code (Yundi218/Concept-to-Pixel) as ours, with its card"
+    )
+    imported.add_argument("checkpoint", type=Path, help="torch.save(model.state_dict()) of the reference's C2P (.pth)")
+    imported.add_argument("--out", required=True, type=Path, help="NAME.safetensors (its card NAME.json beside it)")
+    imported.add_argument("--variant", default="base", help="the reference's model size (only base exists)")
+    imported.set_defaults(func=cmd_import_reference)
 
     train = commands.add_parser("train", help="train a C2P model from a TOML config (resumable)")
     train.add_argument("--config", required=True, help="TOML file: [model] [data] [train] [loss] [augment]")

@@ -121,7 +121,7 @@ def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int) -> 
         masks = torch.stack([p[1] for p in pairs])[:, 0].numpy().astype(bool)
         blank = np.array([recipes.is_blank(img.permute(1, 2, 0).numpy()) for img in images])
         seg = network.segment(network.normalize(make_views(images)))
-        fused = consensus(seg.fg, seg.geometry, seg.concept)
+        fused = consensus(seg.fg, seg.geometry, seg.concept, network.config.consensus)  # the serving graph's rule
         outputs = {k: v.numpy() for k, v in fused._asdict().items()}
         pred = (outputs["prob"][:, 0] >= 0.5) & ~blank[:, None, None]
         single = (torch.sigmoid(seg.fg[: len(chunk), 0]).numpy() >= 0.5) & ~blank[:, None, None]

@@ -19,6 +19,8 @@ from models.recipe import Recipe
 from models.variants import C2PConfig
 
 CARD_SCHEMA = 1
+# What the consensus measures a view's centroid as, per rule (models.consensus, models.geometry.soft_centroid).
+CENTROIDS = {"relative": "pixel centres: (x + 0.5) / W", "reference": "the reference's: x / W, x = 0..W-1"}
 
 
 def output_specs(size: int, text_dim: int) -> list[dict[str, Any]]:
@@ -67,8 +69,11 @@ def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "empty_area": consensus.EMPTY_AREA,
             "empty_mean_prob": consensus.EMPTY_MEAN_PROB,
             "threshold": consensus.THRESHOLD,
-            "weighting": "relative",
+            "weighting": config.consensus,
+            "centroid": CENTROIDS[config.consensus],
         },
+        # How the network's parts are laid out ("reference": an imported Yundi218/Concept-to-Pixel checkpoint).
+        "layout": config.layout,
         "weights": weights,
         # What the result says beyond its mask (service/worker/interpret.py): absent blocks get documented fallbacks.
         "intended_use": weights.get("intended_use") or INTENDED_USE,

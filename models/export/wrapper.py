@@ -15,12 +15,16 @@ INPUT_NAME = "image"
 
 
 class ServingGraph(nn.Module):
-    """image [B, 3, S, S] (normalised) -> ConsensusOutput, with the 3 views run as one batch of 3B."""
+    """image [B, 3, S, S] (normalised) -> ConsensusOutput, with the 3 views run as one batch of 3B.
 
-    def __init__(self, network: C2P, weighting: str = "relative") -> None:
+    The consensus rule is the network's own (``C2PConfig.consensus``: an imported reference model is fused as
+    its code fuses it) unless ``weighting`` says otherwise.
+    """
+
+    def __init__(self, network: C2P, weighting: str | None = None) -> None:
         super().__init__()
         self.network = network
-        self.consensus = Consensus(weighting)
+        self.consensus = Consensus(network.config.consensus if weighting is None else weighting)
 
     def forward(self, image: torch.Tensor) -> ConsensusOutput:
         segmentation = self.network.segment(make_views(image))

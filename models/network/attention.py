@@ -7,18 +7,21 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    """Queries from one sequence, keys and values from another (no self-attention anywhere in C2P)."""
+    """Queries from one sequence, keys and values from another (no self-attention anywhere in C2P).
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    ``qkv_bias=False`` is the reference layout's: its q/k/v projections have no bias (the output one has).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ class C2P(nn.Module):
         n_geo = self.tokens.num_geo
         geo_tokens, sem_tokens = tokens[:, :n_geo], tokens[:, n_geo:]
         logits = self.head(d2, geo_tokens, sem_tokens)
-        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        align = self.config.align_corners  # the reference upsamples with align_corners=True
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=align)
         return logits, self.geo_heads(geo_tokens), sem_tokens, d2
 
     def segment(self, image: torch.Tensor) -> Segmentation:

@@ -10,29 +10,58 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.network.layers import dense, mlp
+
 
 class ModalityVector(nn.Module):
-    """SCFM: style = per-channel mean and std of E2, content = global pool of E5, fused by an MLP."""
+    """SCFM: style = per-channel mean and std of E2, content = global pool of E5, fused by an MLP.
 
-    def __init__(self, e2_channels: int, e5_channels: int, token_dim: int) -> None:
+    Ours compresses style and content to token_dim/2 each; the reference layout to C2 and C5/2, with a LayerNorm
+    in every MLP and std = sqrt(var + 1e-6) (``style_eps``; 0 keeps torch's std).
+    """
+
+    def __init__(
+        self,
+        e2_channels: int,
+        e5_channels: int,
+        token_dim: int,
+        widths: tuple[int, int] | None = None,
+        norm: bool = False,
+        style_eps: float = 0.0,
+    ) -> None:
         super().__init__()
-        half = token_dim // 2
-        self.style = nn.Sequential(nn.Linear(2 * e2_channels, half), nn.GELU())
-        self.content = nn.Sequential(nn.Linear(e5_channels, half), nn.GELU())
-        self.fuse = nn.Sequential(nn.Linear(2 * half, token_dim), nn.GELU(), nn.Linear(token_dim, token_dim))
+        style, content = widths or (token_dim // 2, token_dim // 2)
+        self.style_eps = style_eps
+        self.style = dense(2 * e2_channels, style, norm)
+        self.content = dense(e5_channels, content, norm)
+        self.fuse = mlp(style + content, style + content, token_dim, norm)
 
     def forward(self, e2: torch.Tensor, e5: torch.Tensor) -> torch.Tensor:
         flat = e2.flatten(2)
-        style = torch.cat([flat.mean(-1), flat.std(-1)], dim=-1)
+        std = flat.std(-1) if self.style_eps == 0 else (flat.var(-1) + self.style_eps).sqrt()
+        style = torch.cat([flat.mean(-1), std], dim=-1)
         content = e5.flatten(2).mean(-1)
         return self.fuse(torch.cat([self.style(style), self.content(content)], dim=-1))
 
 
 class ConceptTokens(nn.Module):
-    """9 GEO + 9 SEM learnable tokens, projected to the interaction width D by one shared projection."""
+    """9 GEO + 9 SEM learnable tokens, projected to the interaction width D by one shared projection.
+
+    ``scfm_widths``, ``scfm_norm`` and ``style_eps`` shape the modality vector (``ModalityVector``).
+    """
 
     def __init__(
-        self, num_geo: int, num_sem: int, token_dim: int, dim: int, geo_noise: float, e2_channels: int, e5_channels: int
+        self,
+        num_geo: int,
+        num_sem: int,
+        token_dim: int,
+        dim: int,
+        geo_noise: float,
+        e2_channels: int,
+        e5_channels: int,
+        scfm_widths: tuple[int, int] | None = None,
+        scfm_norm: bool = False,
+        style_eps: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_geo = num_geo
@@ -41,8 +70,8 @@ class ConceptTokens(nn.Module):
         self.sem = nn.Parameter(torch.empty(num_sem, token_dim))
         nn.init.xavier_uniform_(self.geo)
         nn.init.xavier_uniform_(self.sem)
-        self.modality = ModalityVector(e2_channels, e5_channels, token_dim)
-        self.project = nn.Sequential(nn.Linear(token_dim, dim), nn.LayerNorm(dim), nn.GELU())
+        self.modality = ModalityVector(e2_channels, e5_channels, token_dim, scfm_widths, scfm_norm, style_eps)
+        self.project = dense(token_dim, dim, norm=True)
 
     def forward(self, e2: torch.Tensor, e5: torch.Tensor) -> torch.Tensor:
         """Tokens [B, num_geo + num_sem, D]: GEO first, then SEM."""

@@ -154,3 +154,23 @@ def test_the_concept_embedding_is_fused_with_the_view_weights_and_unit_length() 
     torch.testing.assert_close(out.concept_embedding[0], expected / expected.norm(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="weighting"):
         consensus(fg, torch.stack(geometries), concept, weighting="nope")
+
+
+def test_the_reference_rule_measures_centroids_as_the_reference_does() -> None:
+    """The reference's compute_mask_props: cx = sum(x p) / sum(p) / W with x = 0..W-1, no half pixel. Views whose
+    GEO heads predict exactly that agree (u = 0, w = exp(0) = 1) under its rule; ours sees them half a pixel off."""
+    views = [MASK, MASK.flip(-1), MASK.flip(-2)]
+    cx, cy = CX - 0.5 / SIZE, CY - 0.5 / SIZE  # the square's centroid in the reference's convention
+    mirrored = 1 - 1 / SIZE  # its mirror image's centroid x' = (W - 1 - x) / W
+    geometries = [predicted(AREA, cx, cy), predicted(AREA, mirrored - cx, cy), predicted(AREA, cx, mirrored - cy)]
+    reference = run_with(views, geometries, "reference")
+    torch.testing.assert_close(reference.view_inconsistency[0], torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference.view_weights[0], torch.ones(3), atol=1e-5, rtol=0)
+    ours = run_with(views, geometries, "relative")
+    half_pixel = math.hypot(0.5 / SIZE, 0.5 / SIZE)
+    torch.testing.assert_close(ours.view_inconsistency[0], torch.full((3,), half_pixel), atol=1e-6, rtol=0)
+
+
+def run_with(views: list[torch.Tensor], geometries: list[torch.Tensor], weighting: str):
+    fg = torch.stack([logits(v) for v in views]).unsqueeze(1)
+    return consensus(fg, torch.stack(geometries), weighting=weighting)

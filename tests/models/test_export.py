@@ -76,6 +76,7 @@ def test_card_describes_the_artifacts(exported: Path, test_checkpoint: Path) -> 
     assert [o["name"] for o in card["outputs"]] == list(OUTPUT_NAMES)
     assert card["weights"]["source"] == test_checkpoint.name and card["weights"]["note"] == "tests"
     assert card["digest"] == card["artifacts"][ONNX_FILE]["sha256"]
+    assert card["layout"] == "c2p" and card["consensus"]["weighting"] == "relative"
     assert max(max(v.values()) for v in card["parity"].values()) <= ATOL
     embedded = {p.key: p.value for p in onnx.load(str(exported / ONNX_FILE)).metadata_props}
     assert json.loads(embedded[ONNX_METADATA_KEY])["config"] == card["config"]

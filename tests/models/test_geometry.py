@@ -22,6 +22,7 @@ from models.geometry import (
     NUM_GEOMETRY,
     flip_geometry,
     measure,
+    orientation_from_angle,
     soft_area,
     soft_centroid,
 )
@@ -248,6 +249,41 @@ def test_soft_measures_of_empty_and_low_precision_maps() -> None:
     assert soft_area(zeros).tolist() == [0.0, 0.0, 0.0]
     ones = torch.ones(1, 384, 384, dtype=torch.float16)  # coordinate sums overflow float16
     torch.testing.assert_close(soft_centroid(ones), torch.tensor([[0.5, 0.5]]), rtol=0, atol=1e-5)
+
+
+def test_reference_centroid_convention_drops_the_half_pixel() -> None:
+    stack = torch.from_numpy(np.stack(list(SHAPES.values()))).float()
+    ours, theirs = soft_centroid(stack), soft_centroid(stack, pixel_centres=False)
+    torch.testing.assert_close(ours - theirs, torch.tensor([[0.5 / W, 0.5 / H]]).expand_as(ours), rtol=0, atol=1e-6)
+
+
+# Rotations of one ellipse whose regionprops orientation spans (-pi/2, pi/2) without touching its ends.
+ANGLES = [-1.45, -1.1, -0.7, -0.3, 0.0, 0.2, 0.6, 1.0, 1.3, 1.5]
+
+
+@pytest.mark.parametrize("rotation", ANGLES)
+def test_the_references_one_orientation_value_becomes_our_two_columns(rotation: float) -> None:
+    """Read as o = θ/π + 1/2 with θ = regionprops' orientation, the reference's single value maps onto exactly the
+    columns ``measure`` gives, and its flip rule o -> 1 - o onto the columns of the flipped mask."""
+    mask = _ellipse(48, 56, 36, 11, rotation)
+    theta = regionprops(mask.astype(np.uint8))[0].orientation
+    o = torch.tensor([[theta / math.pi + 0.5]])
+    columns = ATTRIBUTE_SLICES["orientation"]
+    values, valid = measure(torch.from_numpy(mask)[None])
+    assert valid[0, columns].all()
+    torch.testing.assert_close(orientation_from_angle(o), values[:, columns], rtol=0, atol=1e-4)
+    for flipped in (mask[:, ::-1], mask[::-1]):
+        flipped = np.ascontiguousarray(flipped)
+        flipped_theta = regionprops(flipped.astype(np.uint8))[0].orientation
+        assert flipped_theta / math.pi + 0.5 == pytest.approx(1 - o.item(), abs=1e-6)
+        flipped_values, _ = measure(torch.from_numpy(flipped)[None])
+        torch.testing.assert_close(orientation_from_angle(1 - o), flipped_values[:, columns], rtol=0, atol=1e-4)
+
+
+def test_orientation_from_angle_is_continuous_across_the_wrap() -> None:
+    """o = 0 and o = 1 are the same (vertical) axis, as θ = -π/2 and π/2 are."""
+    ends = orientation_from_angle(torch.tensor([[0.0], [1.0], [1e-6], [1 - 1e-6]]))
+    torch.testing.assert_close(ends, torch.tensor([[0.5, 0.0]]).expand(4, 2), rtol=0, atol=1e-5)
 
 
 def _random_masks(count: int, seed: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from models.network.head import apply_dynamic_kernels
+from models.network.head import GeoHeads, apply_dynamic_kernels, pooled_group_norm
 from models.registry import VARIANTS, build_c2p
 from tests.conftest import seeded_network
 
@@ -28,6 +30,33 @@ def test_reference_size_is_about_141m_parameters() -> None:
     count = sum(p.numel() for p in network.parameters())
     text_gap = 9 * network.config.dim * (768 - network.config.text_dim)
     assert abs(count + text_gap - 141e6) < 1.5e6
+
+
+def test_the_reference_codes_network_is_141m_parameters() -> None:
+    """c2p-reference-base-384 is the reference's network.py itself (768-d text heads): C2P.md's about 141M."""
+    network = build_c2p("c2p-reference-base-384")
+    assert abs(sum(p.numel() for p in network.parameters()) - 141e6) < 0.1e6
+
+
+def test_pooled_group_norm_equals_the_pooled_map() -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(1, 32)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 32, 24, 20) * 3 + 1
+    torch.testing.assert_close(pooled_group_norm(x, norm), norm(x).mean(dim=(2, 3)), atol=1e-5, rtol=0)
+
+
+def test_one_orientation_value_leaves_as_two_columns() -> None:
+    """GEO heads with the reference's widths still give the 14 columns, orientation converted in place."""
+    torch.manual_seed(0)
+    heads = GeoHeads(16, 8, (4, 1, 1, 1, 1, 2, 1, 1, 1), angle_column=11).eval()
+    tokens = torch.randn(2, 9, 16)
+    out = heads(tokens)
+    assert out.shape == (2, 14)
+    turn = math.tau * torch.sigmoid(heads.heads[7](tokens[:, 7]))  # 2πo
+    torch.testing.assert_close(out[:, 11:13], torch.cat([1 - torch.sin(turn), 1 - torch.cos(turn)], dim=-1) / 2)
+    assert torch.equal(out[:, 13], torch.sigmoid(heads.heads[8](tokens[:, 8]))[:, 0])
 
 
 def test_training_forward_gives_every_loss_input_and_gradients() -> None:
