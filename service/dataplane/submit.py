@@ -67,6 +67,8 @@ async def submit_upload(
         if context:
             meta["trace"] = context
         job = await queue.submit(files, meta, tenant=tenant, lane=target.lane)
+        if header.series_uid:
+            await queue.index_series(tenant, header.series_uid, job.id)
         if span is not None:
             span.set_attributes({"c2p.job_id": job.id, "c2p.format": header.format, "c2p.slices": header.shape[0]})
         return job

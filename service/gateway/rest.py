@@ -6,11 +6,13 @@ submission path, and writes the shared error table's answers as ``{"code", "mess
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.access import Access
@@ -27,6 +29,7 @@ from service.repository import parse_reference
 from service.schema import ErrorInfo, Job
 
 API = "rest"
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorInfo, "description": description}
@@ -132,6 +135,26 @@ async def submit(
         response.status_code = 200
     response.headers["Location"] = location
     return job
+
+
+class SeriesJobs(BaseModel):
+    jobs: list[Job]
+
+
+@router.get("/v1/segmentations", response_model=SeriesJobs, responses=ERROR_RESPONSES)
+async def jobs_for_series(
+    request: Request,
+    principal: Caller,
+    series_uid: Annotated[str, Query(min_length=1, max_length=64, description="the DICOM SeriesInstanceUID sent")],
+) -> SeriesJobs:
+    """The caller's jobs (and their results) for a DICOM series it sent, oldest first: how a PACS bridge finds the
+    result of a series without keeping job ids."""
+    if not UID_RE.fullmatch(series_uid):
+        raise InvalidRequest("series_uid must be a DICOM UID: digits and dots, at most 64 characters")
+    jobs = await queue_of(request).jobs_for_series(principal.tenant, series_uid)
+    for job in jobs:
+        await access_of(request).record("read", principal, API, job.id)
+    return SeriesJobs(jobs=jobs)
 
 
 @router.get("/v1/segmentations/{job_id}", response_model=Job, responses=ERROR_RESPONSES)

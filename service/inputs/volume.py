@@ -32,6 +32,7 @@ class InputHeader:
     channels: int  # 1 or 3
     files: int  # zip members count individually
     transfer_syntax: str | None  # DICOM TransferSyntaxUID of the first file
+    series_uid: str | None = None  # DICOM SeriesInstanceUID: what a caller looks the job up by, never logged
 
 
 @dataclass

@@ -13,10 +13,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from service.config import QueueSettings
-from service.errors import ServiceError
+from service.errors import JobNotFound, ServiceError
 from service.queue.admission import Admission
 from service.queue.blobs import Blobs
-from service.queue.connection import ping
+from service.queue.connection import ping, redis_errors, text
 from service.queue.dead_letters import DeadLetters
 from service.queue.endings import Endings
 from service.queue.keys import QueueKeys
@@ -78,6 +78,27 @@ class JobQueue(QueueKeys):
             await queue.ensure_group()
             queue._group_made = True
         return await queue._admission.submit(files, meta, tenant=tenant)
+
+    @redis_errors
+    async def index_series(self, tenant: str, series_uid: str, job_id: str) -> None:
+        """Remember ``job_id`` as one of ``tenant``'s jobs for the DICOM series (``jobs_for_series``)."""
+        key = self.series_key(tenant, series_uid)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, job_id)
+            pipe.expire(key, self.record_ttl)
+            await pipe.execute()
+
+    @redis_errors
+    async def jobs_for_series(self, tenant: str, series_uid: str) -> list[Job]:
+        """``tenant``'s jobs for a DICOM series that still exist, oldest first."""
+        ids = sorted(text(i) or "" for i in await self._client.smembers(self.series_key(tenant, series_uid)))
+        jobs = []
+        for job_id in ids:
+            try:
+                jobs.append(await self._records.get(job_id, tenant=tenant))
+            except JobNotFound:
+                continue  # expired or deleted since
+        return sorted(jobs, key=lambda j: j.created_at)
 
     async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         return await self._records.get(job_id, tenant=tenant)

@@ -13,12 +13,15 @@ lifetime, and a job id reaches a key name only after it is checked here. Keys un
                       TTL result_ttl_s, written before the job completes; read by ranges, one member at a time
     {p}:done:{id}     pub/sub channel told when the job ends (or is deleted)
     {p}:tenants       hash: tenant -> its jobs queued or running (what the per-tenant quota bounds)
+    {p}:series:{h}    set of one tenant's job ids for one DICOM series, h the sha256 of tenant and
+                      SeriesInstanceUID (no UID in a key name); TTL record_ttl, refreshed by each job
 
 A record lives as long as its upload may wait plus as long as its result is kept (``record_ttl``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from datetime import UTC, datetime
@@ -94,6 +97,10 @@ class QueueKeys:
 
     def outputs_key(self, job_id: str) -> str:
         return f"{self._prefix}:outputs:{job_id}"
+
+    def series_key(self, tenant: str, series_uid: str) -> str:
+        digest = hashlib.sha256(f"{tenant}\0{series_uid}".encode()).hexdigest()[:32]
+        return f"{self._prefix}:series:{digest}"
 
     def channel(self, job_id: str) -> str:
         return f"{self._prefix}:done:{job_id}"

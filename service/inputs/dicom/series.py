@@ -62,6 +62,7 @@ def probe(members: list[Member], limits: LimitSettings, modality_hint: str | Non
         channels=3 if first.colour else 1,
         files=len(headers),
         transfer_syntax=first.transfer_syntax,
+        series_uid=first.uids["series_uid"],
     )
 
 

@@ -1,0 +1,41 @@
+"""A caller finds its jobs by the DICOM series it sent (issue 20, item 6): GET /v1/segmentations?series_uid=UID lists
+them for the caller's tenant only, whichever API submitted them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pydicom
+
+from service.config import QueueSettings
+from service.queue import JobQueue
+from tests.service.harness import lane_for, make_settings, running
+from tests.service.test_inputs import ct_series
+from tests.service.test_service import upload
+
+
+def test_jobs_are_found_by_their_series_uid(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    settings = make_settings(redis_url, queue_settings, exported)
+    files, _ = ct_series()
+    series_uid = str(pydicom.dcmread(io.BytesIO(files[0][1])).SeriesInstanceUID)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            first = await http.post("/v1/segmentations", files=upload(*files))
+            second = await http.post("/v1/segmentations", files=upload(*files[:2]))
+            assert first.status_code == second.status_code == 202, first.text
+            found = await http.get("/v1/segmentations", params={"series_uid": series_uid})
+            assert found.status_code == 200, found.text
+            assert [j["id"] for j in found.json()["jobs"]] == [first.json()["id"], second.json()["id"]]
+            assert (await http.get("/v1/segmentations", params={"series_uid": "1.2.3"})).json() == {"jobs": []}
+            bad = await http.get("/v1/segmentations", params={"series_uid": "1.2.x"})
+            assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
+            await http.delete(f"/v1/segmentations/{first.json()['id']}")
+            found = await http.get("/v1/segmentations", params={"series_uid": series_uid})
+            assert [j["id"] for j in found.json()["jobs"]] == [second.json()["id"]]  # a deleted job is gone
+            queue = JobQueue(http._transport.app.state.redis, settings.queue, lane=lane_for(exported))
+            assert await queue.jobs_for_series("another-tenant", series_uid) == []  # tenants never see each other's
+
+    asyncio.run(scenario())
