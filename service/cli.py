@@ -79,6 +79,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The models this configuration serves (C2P_MODEL and C2P_MODEL_REPOSITORY), from their cards alone: name,
+    version, digest and the stream their jobs go to (what a Helm worker pool's lanes must name)."""
+    from service.queue.keys import lane_of
+    from service.repository import entries, readable
+
+    settings = _service_settings(args)
+    if args.repository is not None:
+        settings = settings.model_copy(update={"model_repository": args.repository})
+    known = readable(settings.model, settings.model_repository, settings.engine.kind)
+    rows = [
+        {**m, "lane": lane_of(m["digest"]), "stream": f"{settings.queue.prefix}:jobs:{lane_of(m['digest'])}"}
+        for m in known
+    ]
+    unread = len(entries(settings.model, settings.model_repository)) - len(known)
+    print(json.dumps({"models": rows, "not_described": unread}, indent=2))
+    if unread:
+        log.warning("%d model(s) have no export card yet (a checkpoint): `c2p prepare` or `c2p export` one", unread)
+    return 0
+
+
 def _service_settings(args: argparse.Namespace):
     from service.config import load_settings
 
@@ -246,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", help="variant name, checkpoint (.safetensors) or export folder")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
+
+    models = commands.add_parser(
+        "models", help="list the models this configuration serves, with the stream (lane) each one's jobs go to"
+    )
+    models.add_argument("--model", help="the default model: variant name, checkpoint or export folder")
+    models.add_argument("--repository", type=Path, help="a model repository (NAME/VERSION/ export folders)")
+    models.set_defaults(func=cmd_models)
 
     prepare = commands.add_parser(
         "prepare", help="write the export folder a worker serves (the shipped graph with its weights; no torch)"

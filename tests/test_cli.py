@@ -99,3 +99,22 @@ def test_artifacts_are_exported_once_and_reused(tmp_path: Path, exported: Path, 
     assert first == second and calls == [str(checkpoint)]
     assert [p.name for p in cache.iterdir()] == [first.name]  # no staging folders left behind
     assert ensure_artifact(str(exported), cache) == exported
+
+
+def test_models_lists_what_a_configuration_serves_with_its_streams(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a Helm worker pool's lanes must name, read from the cards (issue 19)."""
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "repo" / "alpha" / "3")
+    capsys.readouterr()
+    assert main(["models", "--model", str(exported), "--repository", str(tmp_path / "repo")]) == 0
+    listed = json.loads(capsys.readouterr().out)["models"]
+    digest = json.loads((exported / "card.json").read_text())["artifacts"]["model.onnx"]["sha256"]
+    assert [(m["name"], m["version"], m["default"]) for m in listed] == [
+        ("c2p-test-64", digest[:12], True),
+        ("alpha", "3", False),
+    ]
+    assert {m["stream"] for m in listed} == {f"c2p:jobs:{digest[:12]}"}  # the same artifact: one stream
+    assert main(["models", "--repository", str(tmp_path / "missing")]) == 2
