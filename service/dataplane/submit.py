@@ -14,7 +14,7 @@ from typing import Any
 from service.config import LimitSettings
 from service.dataplane.models import ModelDirectory
 from service.errors import InvalidRequest
-from service.inputs import Upload, probe
+from service.inputs import Upload, one_series, probe
 from service.inputs.probe import normalise_hint
 from service.ops import tracing
 from service.queue import JobQueue
@@ -42,16 +42,19 @@ async def submit_upload(
     tenant: str,
     model: str | None = None,
     version: str | None = None,
+    series_uid: str | None = None,
     trace_parent: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> Job:
     """Find the model's stream, probe in a thread (header parsing is CPU work a gateway loop must not do inline),
     then submit; ``extra`` joins the job's meta (what the worker needs beyond the files: a tensor's layout, a delivery
     request). ``model`` and ``version``: what the caller asked for (None: the default model, its newest version).
-    ``tenant``: who owns the job. ``trace_parent``: the caller's W3C trace headers, so the job's trace continues
-    theirs."""
+    ``series_uid``: of an upload holding several DICOM series, the one to segment. ``tenant``: who owns the job.
+    ``trace_parent``: the caller's W3C trace headers, so the job's trace continues theirs."""
     target = await models.route(model, version)
     with tracing.span("c2p.submit", trace_parent, **{"c2p.files": len(files)}) as span:
+        if series_uid is not None:
+            files = await asyncio.to_thread(one_series, files, limits, series_uid)
         header = await asyncio.to_thread(probe, list(files), limits, modality_hint)
         meta = {
             "format": header.format,

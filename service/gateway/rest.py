@@ -100,6 +100,9 @@ async def submit(
         str | None,
         Query(description="NAME or NAME:VERSION (see GET /v2/models); default: the default model's newest version"),
     ] = None,
+    series_uid: Annotated[
+        str | None, Query(max_length=64, description="of an upload holding several DICOM series, the one to segment")
+    ] = None,
 ) -> Any:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
@@ -107,6 +110,8 @@ async def submit(
         raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
     hint = modality_hint(modality)
     name, version = parse_reference(model) if model is not None else (None, None)
+    if series_uid is not None and not UID_RE.fullmatch(series_uid):
+        raise InvalidRequest("series_uid must be a DICOM UID: digits and dots, at most 64 characters")
     models: ModelDirectory = request.app.state.models
     await models.route(name, version)  # an unknown model or version is refused before the upload is read
     files = await read_files(request, settings.limits)
@@ -120,6 +125,7 @@ async def submit(
         tenant=principal.tenant,
         model=name,
         version=version,
+        series_uid=series_uid,
         trace_parent=request.headers,
     )
     del files

@@ -14,7 +14,18 @@ from service.inputs.probe import normalise_hint, probe, tensor_layout
 from service.inputs.sniff import classify
 from service.inputs.volume import InputHeader, Upload, Volume
 
-__all__ = ["InputHeader", "Upload", "Volume", "decode", "probe"]
+__all__ = ["InputHeader", "Upload", "Volume", "decode", "one_series", "probe"]
+
+
+def one_series(files: Sequence[Upload], limits: LimitSettings, series_uid: str) -> list[Upload]:
+    """Only the files of the DICOM series ``series_uid`` (zips opened), named by position: what the queue holds
+    when a caller picks one series out of an upload that holds several."""
+    from service.errors import InvalidRequest
+
+    fmt, members = classify(files, limits)
+    if fmt != "dicom":
+        raise InvalidRequest(f"series_uid picks a DICOM series; this upload is {fmt}")
+    return [(f"instance-{k + 1}.dcm", m.read()) for k, m in enumerate(dicom.select(members, limits, series_uid))]
 
 
 def decode(

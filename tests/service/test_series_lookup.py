@@ -39,3 +39,40 @@ def test_jobs_are_found_by_their_series_uid(redis_url: str, queue_settings: Queu
             assert await queue.jobs_for_series("another-tenant", series_uid) == []  # tenants never see each other's
 
     asyncio.run(scenario())
+
+
+def test_one_series_is_picked_out_of_an_upload_that_holds_several(
+    redis_url: str, queue_settings: QueueSettings, exported: Path
+) -> None:
+    """(issue 20, item 2) A study's zip holds several series: ?series_uid= segments the one named."""
+    import zipfile
+
+    ct, _ = ct_series()
+    other, _ = ct_series(count=2)
+    other_uid = pydicom.uid.generate_uid()
+    relabelled = []
+    for name, data in other:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SeriesInstanceUID = other_uid
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        relabelled.append((f"other-{name}", buffer.getvalue()))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name, data in [*ct, *relabelled]:
+            zipped.writestr(name, data)
+    study = upload(("study.zip", archive.getvalue()))
+    settings = make_settings(redis_url, queue_settings, exported)
+
+    async def scenario() -> None:
+        async with running(settings, None, worker=False) as (http, _):
+            mixed = await http.post("/v1/segmentations", files=study)
+            assert mixed.status_code == 422 and "name the one to segment with series_uid" in mixed.json()["message"]
+            picked = await http.post("/v1/segmentations", params={"series_uid": other_uid}, files=study)
+            assert picked.status_code == 202, picked.text
+            found = await http.get("/v1/segmentations", params={"series_uid": other_uid})
+            assert [j["id"] for j in found.json()["jobs"]] == [picked.json()["id"]]
+            none = await http.post("/v1/segmentations", params={"series_uid": "1.2.3.4"}, files=study)
+            assert none.status_code == 422 and "holds 2 other series" in none.json()["message"]
+
+    asyncio.run(scenario())

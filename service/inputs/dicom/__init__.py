@@ -9,6 +9,6 @@ there), and peak memory is the volume plus one file. Error messages name files, 
 patient data.
 """
 
-from service.inputs.dicom.series import decode, probe
+from service.inputs.dicom.series import decode, probe, select
 
-__all__ = ["decode", "probe"]
+__all__ = ["decode", "probe", "select"]

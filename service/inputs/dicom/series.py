@@ -29,7 +29,10 @@ def _check_series(headers: list[Header], limits: LimitSettings) -> None:
     seen: dict[str, str] = {}
     for h in headers:
         if h.uids["series_uid"] != first.uids["series_uid"]:
-            raise InvalidImage(f"mixed series: {h.label} belongs to another series than {first.label}")
+            raise InvalidImage(
+                f"mixed series: {h.label} belongs to another series than {first.label}; name the one to segment "
+                "with series_uid"
+            )
         if (h.rows, h.columns) != (first.rows, first.columns):
             raise InvalidImage(
                 f"mixed series: {h.label} has {h.rows} x {h.columns} pixels, "
@@ -48,6 +51,21 @@ def _check_series(headers: list[Header], limits: LimitSettings) -> None:
     voxels = slices * first.rows * first.columns
     if voxels > limits.max_voxels:
         raise ImageTooLarge(f"{voxels} voxels in the series, the limit is {limits.max_voxels}")
+
+
+def select(members: list[Member], limits: LimitSettings, series_uid: str) -> list[Member]:
+    """The members of one series out of an upload that holds several (a study's zip, a PACS export folder), by
+    SeriesInstanceUID; InvalidImage when none belongs to it. Headers only, as everything before decode."""
+    chosen, others = [], set()
+    for member in members:
+        uid = read_header(member, limits).uids["series_uid"]
+        if uid == series_uid:
+            chosen.append(member)
+        else:
+            others.add(uid)
+    if not chosen:
+        raise InvalidImage(f"no file of the upload belongs to the series named; it holds {len(others)} other series")
+    return chosen
 
 
 def probe(members: list[Member], limits: LimitSettings, modality_hint: str | None) -> InputHeader:
