@@ -168,6 +168,10 @@ class DicomWebSettings(BaseModel):
     attempts: int = Field(5, ge=1, le=100)
     backoff_s: float = Field(2.0, ge=0, le=600)  # before the second attempt; doubles each time
     timeout_s: float = Field(60.0, gt=0)
+    # STOW-RS series assembly: instances of one series posted in several requests are collected and segmented as one
+    # volume once none has arrived for this long (service/queue/assembly.py). 0: each request's series is a job of
+    # its own at once (a PACS that sends a study in one request, as Orthanc does, needs no more).
+    assembly_quiet_s: float = Field(0.0, ge=0, le=3600)
 
 
 class TracingSettings(BaseModel):

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.access import Access
 from service.auth import Authenticator
 from service.config import Settings
+from service.dataplane.assembly import assemble
 from service.dataplane.models import ModelDirectory, ready_workers
 from service.errors import InvalidRequest, ServiceError, Unavailable
 from service.gateway import dicomweb, kserve, rest, ui
@@ -63,13 +64,16 @@ def create_app(
         app.state.access = Access(settings, redis_client, authenticator)
         stopping = asyncio.Event()
         stats = asyncio.create_task(_refresh_stats(app.state.queue, app.state.models, metrics, stopping))
+        background = [stats]
+        if settings.dicomweb.assembly_quiet_s > 0:
+            background.append(asyncio.create_task(assemble(app.state.queue, app.state.models, settings, stopping)))
         try:
             yield
         finally:
             # An event, not cancel(): redis-py can swallow a cancellation that lands mid-command,
             # which would hang the shutdown on gather().
             stopping.set()
-            await asyncio.gather(stats, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             if own:
                 await redis_client.aclose()
 

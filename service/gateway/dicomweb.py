@@ -324,6 +324,31 @@ def stow_response(
     return status, body
 
 
+async def collect(
+    request: Request, principal: Principal, instances: list[Instance], deliver: bool
+) -> list[tuple[Instance, str]]:
+    """Series assembly (``dicomweb.assembly_quiet_s``): keep the instances until their series is quiet
+    (service/dataplane/assembly.py submits it). An instance already part of a job answers with that job's URL; a
+    new one with the series lookup, which lists the job once it exists."""
+    queue: JobQueue = request.app.state.queue
+    await request.app.state.models.route(None, None)  # nothing to segment with: 503 now, not a series kept forever
+    stored: list[tuple[Instance, str]] = []
+    for series_uid, members in by_series(instances).items():
+        jobs = await queue.assembly.jobs_of(principal.tenant, [i.sop_instance_uid for i in members])
+        fresh = [i for i, job in zip(members, jobs, strict=True) if job is None]
+        for instance, job in zip(members, jobs, strict=True):
+            if job is not None:  # a retry of an instance whose series is already a job
+                stored.append((instance, public_url(request, str(request.app.url_path_for("get_job", job_id=job)))))
+        if fresh:
+            await queue.assembly.add(
+                principal.tenant, series_uid, deliver, [(i.sop_instance_uid, i.data) for i in fresh]
+            )
+            lookup = f"{request.app.url_path_for('jobs_for_series')}?series_uid={series_uid}"
+            stored += [(i, public_url(request, lookup)) for i in fresh]
+            await request.app.state.access.record("submit", principal, API, None, instances=len(fresh), assembling=1)
+    return stored
+
+
 async def store(request: Request, principal: Principal, study: str | None) -> JSONResponse:
     settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
@@ -333,6 +358,9 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
     queue: JobQueue = request.app.state.queue
     deliver = settings.dicomweb.destination_url is not None
     stored: list[tuple[Instance, str]] = []
+    if settings.dicomweb.assembly_quiet_s > 0 and instances:
+        stored = await collect(request, principal, instances, deliver)
+        instances = []
     for members in by_series(instances).values():
         # Named by position, not by UID: names reach error messages, and UIDs identify a patient's study.
         files = [(f"instance-{i.index + 1}.dcm", i.data) for i in members]

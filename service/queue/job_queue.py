@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from service.config import QueueSettings
 from service.errors import JobNotFound, ServiceError
 from service.queue.admission import Admission
+from service.queue.assembly import Assembly
 from service.queue.blobs import Blobs
 from service.queue.connection import ping, redis_errors, text
 from service.queue.dead_letters import DeadLetters
@@ -52,6 +53,7 @@ class JobQueue(QueueKeys):
         self._endings = Endings(client, settings, self)
         self._dead_letters = DeadLetters(client, settings, self, self._endings)
         self._recovery = Recovery(client, settings, self, self._stream, self._leases, self._dead_letters)
+        self.assembly = Assembly(client, settings, self)  # STOW-RS series collected over several requests
 
     def for_lane(self, lane: str) -> JobQueue:
         """This queue bound to ``lane``'s stream (one object per lane, kept: its scripts are registered once)."""
@@ -99,6 +101,9 @@ class JobQueue(QueueKeys):
             except JobNotFound:
                 continue  # expired or deleted since
         return sorted(jobs, key=lambda j: j.created_at)
+
+    async def create_failed(self, tenant: str, meta: dict[str, Any], error: ServiceError) -> Job:
+        return await self._records.create_failed(tenant, meta, error)
 
     async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         return await self._records.get(job_id, tenant=tenant)

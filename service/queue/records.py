@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from datetime import datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.errors import JobNotFound
+from service.errors import JobNotFound, ServiceError
 from service.queue.admission import RELEASE_SLOT_LUA
 from service.queue.connection import redis_errors, text
-from service.queue.keys import QueueKeys, check_id, now
+from service.queue.keys import QueueKeys, check_id, new_job_id, now
 from service.queue.stream import ACK_LUA
 from service.schema import ErrorInfo, Forwarding, Job, SegmentationResult
 
@@ -75,6 +77,31 @@ class Records:
         self._keys = keys
         self._delete = client.register_script(_DELETE)
         self._set_field = client.register_script(_SET_FIELD)
+
+    @redis_errors
+    async def create_failed(self, tenant: str, meta: dict[str, Any], error: ServiceError) -> Job:
+        """A job that failed before it could be queued (a series assembled from several requests that is not one
+        volume): its record alone, so the caller finds the error where it looks for the result."""
+        job_id = new_job_id()
+        stamp = now()
+        key = self._keys.record_key(job_id)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "status": "failed",
+                    "created_at": stamp,
+                    "updated_at": stamp,
+                    "deliveries": 0,
+                    "meta": json.dumps(meta, separators=(",", ":")),
+                    "tenant": tenant,
+                    "error_code": error.code,
+                    "error_message": error.message,
+                },
+            )
+            pipe.expire(key, self._keys.record_ttl)
+            await pipe.execute()
+        return await self.get(job_id, tenant=tenant)
 
     @redis_errors
     async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
