@@ -305,8 +305,10 @@ class Worker:
                 continue
             reclaimed: list[Delivery] = []
             for lane in self.lanes.values():
+                if len(reclaimed) >= free:  # no room for more this round
+                    break
                 try:
-                    reclaimed += await lane.queue.reclaim(self.consumer, count=max(0, free - len(reclaimed)))
+                    reclaimed += await lane.queue.reclaim(self.consumer, count=free - len(reclaimed))
                 except (RedisError, ServiceError, OSError) as err:
                     log.warning("janitor failed on %s (%s)", lane.model.name, type(err).__name__)
             for delivery in reclaimed:

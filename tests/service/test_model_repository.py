@@ -260,3 +260,42 @@ def test_the_default_model_answers_to_its_variant_name(
         ("c2p-test-64", digest(exported)[:12], True),
         ("alpha", "2", False),
     ]
+
+
+def test_a_job_lost_with_its_worker_is_reclaimed_on_its_own_models_stream(
+    exported: Path, repository: Path, redis_url: str, queue_settings: QueueSettings
+) -> None:
+    """The janitor of a worker holding several models looks at every one of their streams."""
+    from service.queue import JobQueue
+    from service.queue.keys import lane_of
+
+    queue = queue_settings.model_copy(update={"job_deadline_s": 0.5})
+    settings = make_settings(redis_url, queue, exported).model_copy(update={"model_repository": repository})
+    models = load_models(settings)
+    lane = lane_of(digest(repository / "alpha" / "2"))
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        jobs = JobQueue(client, queue, lane=lane)
+        try:
+            await jobs.ensure_group()
+            meta = {
+                "format": "png",
+                "model": {"name": "alpha", "version": "2", "digest": digest(repository / "alpha" / "2")},
+            }
+            job = await jobs.submit([("disc.png", png_bytes(disc_image()))], meta, tenant="t1")
+            (taken,) = await jobs.read("a-worker-that-dies", 1, block_ms=100)  # taken, never finished
+            assert taken.job_id == job.id and (await jobs.get(job.id)).status == "running"
+            async with running(settings, models) as (_, worker):
+                for _ in range(200):
+                    if (await jobs.get(job.id)).status == "succeeded":
+                        break
+                    await asyncio.sleep(0.05)
+                done = await jobs.get(job.id)
+                assert done.status == "succeeded" and done.deliveries == 2
+                assert done.result.model.digest == digest(repository / "alpha" / "2")
+                assert worker is not None
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
