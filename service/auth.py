@@ -48,7 +48,7 @@ REFUSED = "missing or invalid credentials: send Authorization: Bearer <API key o
 class Principal:
     tenant: str
     subject: str  # who within the tenant: the key's digest prefix or the token's sub
-    method: Literal["api-key", "oidc", "open"]
+    method: Literal["api-key", "oidc", "open", "dimse-ae"]  # dimse-ae: a calling AE title on the allowlist
 
 
 OPEN = Principal(tenant=OPEN_TENANT, subject="anonymous", method="open")

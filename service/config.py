@@ -174,6 +174,34 @@ class DicomWebSettings(BaseModel):
     assembly_quiet_s: float = Field(0.0, ge=0, le=3600)
 
 
+# An AE title: 1 to 16 characters of the default repertoire, no backslash (PS3.5 table 6.2-1), not starting with a
+# space (leading spaces are not significant).
+AE_TITLE = r"^[!-\[\]-~][ -\[\]-~]{0,15}$"
+
+
+class DimseSettings(BaseModel):
+    """The DICOM DIMSE door (service/dimse/): a C-STORE receiver a PACS sends series to, and the C-STORE sender that
+    returns each finished DICOM SEG. Off unless a port is set."""
+
+    port: int | None = Field(None, ge=1, le=65535)  # C2P_DIMSE__PORT: listen on settings.host at this port
+    ae_title: str = Field("C2P", pattern=AE_TITLE)  # the title callers address, and the one results are sent from
+    # Calling AE titles allowed to associate, comma-separated. Empty: any caller, which is allowed only on a loopback
+    # address (as an open HTTP port is); elsewhere the service refuses to start.
+    allowed_calling_aes: str = ""
+    max_associations: int = Field(8, ge=1, le=256)
+    max_pdu: int = Field(16382, ge=0, le=2**32 - 1)  # the largest PDU we accept; 0: no limit
+    # A series' instances are collected until none has arrived for this long, then segmented as one volume.
+    quiet_s: float = Field(2.0, gt=0, le=3600)
+    # Where finished SEGs go back to, AE@host:port; unset: results are fetched over HTTP only.
+    destination: str | None = Field(None, pattern=r"^[!-\[\]-~][ -\[\]-~]{0,15}@[A-Za-z0-9._-]+:[0-9]{1,5}$")
+    attempts: int = Field(5, ge=1, le=100)
+    backoff_s: float = Field(2.0, ge=0, le=600)  # before the second attempt; doubles each time
+    timeout_s: float = Field(60.0, gt=0)
+
+    def allowed(self) -> list[str]:
+        return [ae.strip() for ae in self.allowed_calling_aes.split(",") if ae.strip()]
+
+
 class TracingSettings(BaseModel):
     """OpenTelemetry (service/ops/tracing.py): off unless an OTLP/HTTP collector is named."""
 
@@ -247,6 +275,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     grpc: GrpcSettings = GrpcSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
+    dimse: DimseSettings = DimseSettings()
     tracing: TracingSettings = TracingSettings()
     auth: AuthSettings = AuthSettings()
 

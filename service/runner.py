@@ -19,6 +19,7 @@ import uvicorn
 
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
+from service.dimse.receiver import check_exposure as dimse_exposure
 from service.ops import tracing
 from service.ops.metrics import Metrics
 from service.queue import connect
@@ -78,10 +79,12 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
     authenticator = Authenticator(settings)
     if gateway:
         check_exposure(settings, authenticator)  # before anything starts: an open port beyond loopback never does
+        dimse_exposure(settings)
     tracing.configure(settings.tracing, "serve" if gateway and worker else "gateway" if gateway else "worker")
     url, private = redis_url_or_private(settings.redis_url, settings.cache_dir)
     client = _client(url)
     tasks: list[asyncio.Task] = []
+    receiver = None
     try:
         server = _http_server(settings, metrics, client, authenticator) if gateway else None
         runner = None
@@ -113,6 +116,9 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
             tasks.append(asyncio.create_task(ops.serve(), name="ops"))
             log.info("worker metrics and health on http://%s:%d", settings.host, settings.worker.ops_port)
         rpc = None
+        if gateway and settings.dimse.port:
+            receiver = _dimse_receiver(settings, client)
+            receiver.start()
         if gateway:
             from service.grpc.inference import inference_registration
             from service.grpc.server import build_server
@@ -133,10 +139,23 @@ async def _serve(settings: Settings, gateway: bool, worker: bool) -> None:
         for task in done:
             task.result()
     finally:
+        if receiver is not None:
+            await asyncio.to_thread(receiver.stop)
         await client.aclose()
         tracing.shutdown()
         if private is not None:
             private.stop()
+
+
+def _dimse_receiver(settings: Settings, client: aioredis.Redis):
+    from service.dataplane.models import ModelDirectory
+    from service.dimse.receiver import Receiver
+    from service.ops.audit import AuditLog
+    from service.queue import JobQueue
+
+    loop = asyncio.get_running_loop()
+    queue = JobQueue(client, settings.queue)
+    return Receiver(settings, queue, ModelDirectory.for_settings(client, settings), AuditLog(client, settings), loop)
 
 
 def _ops_server(settings: Settings, runner: Worker, metrics: Metrics, client: aioredis.Redis) -> _Server:

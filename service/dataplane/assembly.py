@@ -55,9 +55,17 @@ async def submit_assembled(
     return job
 
 
+def quiet_period(settings: Settings) -> float:
+    """How long a series must be quiet to be submitted: STOW-RS's setting, else DIMSE's when its door is open (a
+    C-STORE sender always sends a series instance by instance); 0: nothing to assemble."""
+    if settings.dicomweb.assembly_quiet_s > 0:
+        return settings.dicomweb.assembly_quiet_s
+    return settings.dimse.quiet_s if settings.dimse.port else 0.0
+
+
 async def assemble(queue: JobQueue, models: ModelDirectory, settings: Settings, stopping: asyncio.Event) -> None:
     """Submit quiet series until ``stopping``; a failed round is logged and the next one tries again."""
-    quiet = settings.dicomweb.assembly_quiet_s
+    quiet = quiet_period(settings)
     interval = min(max(quiet / 4, 0.05), 1.0)
     while not stopping.is_set():
         try:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.access import Access
 from service.auth import Authenticator
 from service.config import Settings
-from service.dataplane.assembly import assemble
+from service.dataplane.assembly import assemble, quiet_period
 from service.dataplane.models import ModelDirectory, ready_workers
 from service.errors import InvalidRequest, ServiceError, Unavailable
 from service.gateway import dicomweb, kserve, rest, ui
@@ -65,7 +65,7 @@ def create_app(
         stopping = asyncio.Event()
         stats = asyncio.create_task(_refresh_stats(app.state.queue, app.state.models, metrics, stopping))
         background = [stats]
-        if settings.dicomweb.assembly_quiet_s > 0:
+        if quiet_period(settings) > 0:
             background.append(asyncio.create_task(assemble(app.state.queue, app.state.models, settings, stopping)))
         try:
             yield

@@ -356,7 +356,7 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
     instances, ignored, failures = await run_in_threadpool(identify, parts, study)
     del parts
     queue: JobQueue = request.app.state.queue
-    deliver = settings.dicomweb.destination_url is not None
+    deliver = "dicomweb" if settings.dicomweb.destination_url is not None else None
     stored: list[tuple[Instance, str]] = []
     if settings.dicomweb.assembly_quiet_s > 0 and instances:
         stored = await collect(request, principal, instances, deliver)

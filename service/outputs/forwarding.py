@@ -1,4 +1,5 @@
-"""Sending finished DICOM SEG objects on to a DICOMweb server (STOW-RS), so results reach the PACS a study came from.
+"""Sending finished DICOM SEG objects on to the PACS a study came from: a DICOMweb server (STOW-RS) or a DICOM AE
+(C-STORE, service/outputs/dimse_send.py), whichever way the study arrived.
 
 A PACS that is restarting or briefly overloaded must not lose results, and one that refuses them must not be
 retried forever: each SEG gets ``attempts`` tries with doubling back-off, permanent refusals (4xx other than 408
@@ -18,6 +19,7 @@ import contextlib
 import io
 import logging
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -81,16 +83,43 @@ class _Send:
 
 
 class Forwarder:
-    """The worker's background sender (module docstring)."""
+    """The worker's background sender (module docstring): ``send_one`` stores one SEG at the destination (in a thread)
+    and returns its SOP Instance UID, raises ``Refused`` for a permanent refusal and ``OSError`` (or a requests error)
+    for one worth retrying."""
 
-    def __init__(self, settings: DicomWebSettings, queue: JobQueue, metrics: Metrics) -> None:
-        if settings.destination_url is None:
-            raise ValueError("no dicomweb.destination_url to forward to")
-        self.settings = settings
+    def __init__(
+        self,
+        send_one: Callable[[bytes], str],
+        destination: str,
+        attempts: int,
+        backoff_s: float,
+        queue: JobQueue,
+        metrics: Metrics,
+        secret: str | None = None,
+    ) -> None:
+        self.send_one = send_one
+        self.attempts = attempts
+        self.backoff_s = backoff_s
         self.queue = queue
         self.metrics = metrics
-        self.destination = public_url(settings.destination_url)
+        self.destination = destination
+        self.secret = secret  # what never reaches a record or a log (a URL with credentials)
         self.tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    def dicomweb(cls, settings: DicomWebSettings, queue: JobQueue, metrics: Metrics) -> Forwarder:
+        if settings.destination_url is None:
+            raise ValueError("no dicomweb.destination_url to forward to")
+        destination = public_url(settings.destination_url)
+        return cls(
+            lambda seg: store(settings, seg),
+            destination,
+            settings.attempts,
+            settings.backoff_s,
+            queue,
+            metrics,
+            secret=settings.destination_url,
+        )
 
     def send(self, job_id: str, seg: bytes) -> None:
         task = asyncio.create_task(self._send(_Send(job_id, seg)), name=f"forward-{job_id}")
@@ -113,20 +142,20 @@ class Forwarder:
             await asyncio.wait(pending, timeout=5)
 
     async def _send(self, item: _Send) -> None:
-        delay = self.settings.backoff_s
+        delay = self.backoff_s
         error = ""
         attempt = 0
         try:
-            for attempt in range(1, self.settings.attempts + 1):
+            for attempt in range(1, self.attempts + 1):
                 await self._note(item.job_id, "pending", attempt - 1, None, error or None)
                 try:
-                    uid = await asyncio.to_thread(store, self.settings, item.seg)
+                    uid = await asyncio.to_thread(self.send_one, item.seg)
                 except Refused as exc:
                     error = str(exc)
                     break
                 except (requests.RequestException, OSError) as exc:
                     error = f"{type(exc).__name__}: {self._short(exc)}"
-                    if attempt < self.settings.attempts:
+                    if attempt < self.attempts:
                         log.info("job %s: forwarding attempt %d failed (%s); retrying", item.job_id, attempt, error)
                         await asyncio.sleep(delay)
                         delay *= 2
@@ -146,7 +175,7 @@ class Forwarder:
 
     def _short(self, exc: BaseException) -> str:
         """An exception's text with the destination's credentials taken out, cut to a readable length."""
-        text = str(exc).replace(str(self.settings.destination_url), self.destination)
+        text = str(exc).replace(self.secret, self.destination) if self.secret else str(exc)
         return text if len(text) <= 200 else text[:200] + "..."
 
     async def _note(self, job_id: str, status: str, attempts: int, uid: str | None, error: str | None) -> None:

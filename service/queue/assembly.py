@@ -51,7 +51,7 @@ class Assembled:
 
     tenant: str
     series_uid: str
-    deliver: bool
+    deliver: str | None  # how the finished SEG goes back ("dicomweb", "dimse"), or None
     instances: dict[str, bytes]
 
 
@@ -80,14 +80,16 @@ class Assembly:
         return [text(v) for v in await self._client.mget([self._instance(tenant, uid) for uid in sop_uids])]
 
     @redis_errors
-    async def add(self, tenant: str, series_uid: str, deliver: bool, instances: Sequence[tuple[str, bytes]]) -> None:
+    async def add(
+        self, tenant: str, series_uid: str, deliver: str | None, instances: Sequence[tuple[str, bytes]]
+    ) -> None:
         """Keep the instances (each once) and restart the series' quiet period."""
         h, stored, info = self._series(tenant, series_uid)
         ttl = self._settings.payload_ttl_s
         async with self._client.pipeline(transaction=True) as pipe:
             for sop_uid, data in instances:
                 pipe.hsetnx(stored, sop_uid, data)
-            pipe.hset(info, mapping={"tenant": tenant, "series_uid": series_uid, "deliver": "1" if deliver else "0"})
+            pipe.hset(info, mapping={"tenant": tenant, "series_uid": series_uid, "deliver": deliver or ""})
             pipe.expire(stored, ttl)
             pipe.expire(info, ttl)
             pipe.zadd(self._assembling, {h: time.time()})
@@ -112,7 +114,7 @@ class Assembly:
             if not instances or not meta.get("tenant") or not meta.get("series_uid"):
                 continue  # its keys expired while it waited: nothing left to submit
             taken.append(
-                Assembled(meta["tenant"] or "", meta["series_uid"] or "", meta.get("deliver") == "1", instances)
+                Assembled(meta["tenant"] or "", meta["series_uid"] or "", meta.get("deliver") or None, instances)
             )
         return taken
 

@@ -30,6 +30,7 @@ from service.errors import JobNotFound, ServiceError, Unavailable
 from service.ops import tracing
 from service.ops.metrics import Metrics
 from service.outputs import formats as outputs
+from service.outputs.dimse_send import dimse_forwarder
 from service.outputs.forwarding import Forwarder
 from service.queue import Delivery, JobQueue, presence
 from service.schema import SegmentationResult
@@ -85,9 +86,12 @@ class Worker:
         first = next(iter(self.lanes.values()))
         # The first model's parts, for the common case of one model (tests, ``c2p serve`` without a repository).
         self.engine, self.pipeline, self.batcher = first.model.engine, first.pipeline, first.batcher
-        self.forwarder = (
-            Forwarder(settings.dicomweb, self.queue, self.metrics) if settings.dicomweb.destination_url else None
-        )
+        # The SEG goes back the way its study came (a job's meta ``deliver``: "dicomweb" or "dimse").
+        self.forwarders: dict[str, Forwarder] = {}
+        if settings.dicomweb.destination_url:
+            self.forwarders["dicomweb"] = Forwarder.dicomweb(settings.dicomweb, self.queue, self.metrics)
+        if settings.dimse.destination:
+            self.forwarders["dimse"] = dimse_forwarder(settings.dimse, self.queue, self.metrics)
         self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
         self.stopping = asyncio.Event()  # no new jobs
         self.closed = asyncio.Event()  # jobs drained: background loops end
@@ -149,8 +153,8 @@ class Worker:
                 await presence.withdraw(self.client, self.settings.queue.prefix, self.consumer)
             for lane in self.lanes.values():
                 await lane.batcher.close()
-            if self.forwarder is not None:
-                await self.forwarder.close(self.settings.worker.drain_timeout_s)
+            for forwarder in self.forwarders.values():
+                await forwarder.close(self.settings.worker.drain_timeout_s)
             self.executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped", self.consumer)
 
@@ -219,7 +223,8 @@ class Worker:
             self.metrics.decode_duration.observe(timings.decode_ms / 1000)
             self.metrics.infer_duration.observe(timings.inference_ms / 1000)
             self.metrics.encode_duration.observe(timings.encode_ms / 1000)
-            forward = self.forwarder is not None and bool(delivery.meta.get("deliver"))
+            forwarder = self._forwarder_for(delivery.meta.get("deliver"))
+            forward = forwarder is not None
             members: list[tuple[str, bytes]] = []
             if self.settings.worker.keep_outputs or forward:
                 members = await asyncio.to_thread(outputs.kept_members, segmentation.volume, segmentation.result)
@@ -232,8 +237,8 @@ class Worker:
             self.metrics.jobs.labels("succeeded" if stored else "duplicate").inc()
             if not stored and self.settings.worker.keep_outputs:
                 await self._drop_outputs_if_deleted(delivery.job_id)
-            if stored and forward:
-                await self._forward(delivery.job_id, segmentation.result, dict(members))
+            if stored and forwarder is not None:
+                await self._forward(forwarder, delivery.job_id, segmentation.result, dict(members))
         except JobNotFound:
             # Deleted by its owner or expired while queued: there is nobody to answer.
             await self._lane(delivery).fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
@@ -253,15 +258,22 @@ class Worker:
             log.exception("job %s: unexpected error (delivery %d)", delivery.job_id, delivery.deliveries)
             await self._hand_back(delivery, "internal", f"{type(err).__name__}: {err}")
 
-    async def _forward(self, job_id: str, result: SegmentationResult, members: dict[str, bytes]) -> None:
+    def _forwarder_for(self, deliver: object) -> Forwarder | None:
+        """The sender a job asked for: its meta's ``deliver`` names the way its study came ("dicomweb", "dimse"; True
+        from before DIMSE existed means DICOMweb); None when none is asked or configured."""
+        channel = "dicomweb" if deliver is True else deliver
+        return self.forwarders.get(channel) if isinstance(channel, str) else None
+
+    async def _forward(
+        self, forwarder: Forwarder, job_id: str, result: SegmentationResult, members: dict[str, bytes]
+    ) -> None:
         """Make the DICOM SEG now, while the headers are in memory, and hand it to the background sender."""
-        assert self.forwarder is not None
         try:
             seg = await asyncio.to_thread(outputs.render, "dicom-seg", result, members)
         except ServiceError as err:
-            await self.forwarder.failed(job_id, f"no DICOM SEG could be made: {err.message}")
+            await forwarder.failed(job_id, f"no DICOM SEG could be made: {err.message}")
             return
-        self.forwarder.send(job_id, seg)
+        forwarder.send(job_id, seg)
 
     async def _drop_outputs_if_deleted(self, job_id: str) -> None:
         """A job deleted while it ran must not leave its kept outputs behind; a duplicate that lost the race must
