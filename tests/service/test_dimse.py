@@ -111,8 +111,14 @@ def test_a_series_c_stored_comes_back_as_one_seg_and_twice_is_still_one(
                 assert seg.SOPClassUID == SegmentationStorage
                 assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
                 assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 4  # one volume of four
+
+                async def recorded_sent() -> bool:  # the destination may have it a moment before the record says so
+                    (job,) = await queue.jobs_for_series("dimse:TESTSCU", series_uid)
+                    return job.forwarding is not None and job.forwarding.status == "sent"
+
+                await wait_for(recorded_sent, "the job's forwarding recorded as sent")
                 (job,) = await queue.jobs_for_series("dimse:TESTSCU", series_uid)
-                assert job.status == "succeeded" and job.forwarding is not None and job.forwarding.status == "sent"
+                assert job.status == "succeeded" and job.forwarding.attempts == 1
 
                 assert await asyncio.to_thread(send, settings.dimse.port, instances) == [0] * 4  # the PACS resends
                 await asyncio.sleep(3 * QUIET_S)
