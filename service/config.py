@@ -202,6 +202,14 @@ class DimseSettings(BaseModel):
         return [ae.strip() for ae in self.allowed_calling_aes.split(",") if ae.strip()]
 
 
+class SegSettings(BaseModel):
+    """What the DICOM SEG a reader sees in the PACS is called (the series list shows these two)."""
+
+    series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    # After "RESEARCH USE ONLY", which always leads it; empty: the result's summary (concept, level, slices).
+    series_description: str = Field("", max_length=44, pattern=r"^[^\\\x00-\x1f]*$")
+
+
 class TracingSettings(BaseModel):
     """OpenTelemetry (service/ops/tracing.py): off unless an OTLP/HTTP collector is named."""
 
@@ -276,6 +284,7 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = GrpcSettings()
     dicomweb: DicomWebSettings = DicomWebSettings()
     dimse: DimseSettings = DimseSettings()
+    seg: SegSettings = SegSettings()
     tracing: TracingSettings = TracingSettings()
     auth: AuthSettings = AuthSettings()
 

@@ -100,7 +100,7 @@ async def _segment_all(
                 if fmt == "json":
                     continue
                 try:
-                    data = outputs.render(fmt, result, members)
+                    data = outputs.render(fmt, result, members, None, settings.seg)
                 except OutputNotAvailable as err:  # a format this input cannot have (DICOM SEG of a NIfTI): no failure
                     log.warning("%s: %s skipped: %s", name, fmt, err.message)
                     skipped[fmt] = err.message

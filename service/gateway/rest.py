@@ -203,7 +203,8 @@ async def get_result(
     limits = request.app.state.settings.limits
     budget = 4 * limits.max_voxels + limits.max_upload_bytes  # preview + headers, raw
     members = await queue.outputs(job_id, outputs.needed(fmt, index, result), budget)
-    body = await run_in_threadpool(outputs.render, fmt, result, members, index)
+    seg = request.app.state.settings.seg
+    body = await run_in_threadpool(outputs.render, fmt, result, members, index, seg)
     await access_of(request).record("fetch", principal, API, job_id, format=fmt)
     name = f"{job_id}{outputs.EXTENSIONS[fmt]}"
     return Response(

@@ -230,6 +230,7 @@ def dicom_seg(
     result: SegmentationResult,
     *,
     series_number: int = 9901,
+    series_description: str | None = None,
     manufacturer: str = "c2p-serve",
     software_version: str = SOFTWARE_VERSION,
     device_serial_number: str | None = None,
@@ -317,7 +318,7 @@ def dicom_seg(
                 device_serial_number=_clip(device_serial_number or model.digest[:16], _LO),
                 content_description=_clip(f"{RESEARCH_USE}; {_summary(result)}", _LO),
                 content_label=CONTENT_LABEL,
-                series_description=_clip(f"{RESEARCH_USE} {_summary(result)}", _LO),
+                series_description=_clip(f"{RESEARCH_USE} {series_description or _summary(result)}", _LO),
                 omit_empty_frames=nonempty.size > 0,  # else highdicom logs that it cannot omit them all
                 plane_positions=plane_positions,
             )

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from service.config import SegSettings
 from service.errors import InvalidImage, InvalidRequest, OutputNotAvailable, ServiceError
 from service.inputs import orientation
 from service.inputs.volume import Volume
@@ -142,9 +143,13 @@ def masks_of(result: SegmentationResult) -> np.ndarray:
 
 
 def render(
-    format_: str, result: SegmentationResult, members: Mapping[str, bytes], slice_index: int | None = None
+    format_: str,
+    result: SegmentationResult,
+    members: Mapping[str, bytes],
+    slice_index: int | None = None,
+    seg: SegSettings | None = None,
 ) -> bytes:
-    """The result in ``format_``; ``members`` holds at least what ``needed`` named."""
+    """The result in ``format_``; ``members`` holds at least what ``needed`` named; ``seg`` names a DICOM SEG."""
     check_format(format_)
     if format_ == "json":
         return result.model_dump_json().encode()
@@ -157,7 +162,7 @@ def render(
     index = _index(members)
     if format_ == "png":
         return _png(result, members, index, slice_index)
-    return _dicom_seg(result, members, index)
+    return _dicom_seg(result, members, index, seg or SegSettings())
 
 
 def _index(members: Mapping[str, bytes]) -> dict[str, Any]:
@@ -192,7 +197,9 @@ def _png(
     return writers.overlay_png(picture, mask)
 
 
-def _dicom_seg(result: SegmentationResult, members: Mapping[str, bytes], index: dict[str, Any]) -> bytes:
+def _dicom_seg(
+    result: SegmentationResult, members: Mapping[str, bytes], index: dict[str, Any], seg: SegSettings
+) -> bytes:
     dicom = index.get("dicom")
     if result.input.format != "dicom" or not dicom:
         raise OutputNotAvailable(
@@ -208,6 +215,13 @@ def _dicom_seg(result: SegmentationResult, members: Mapping[str, bytes], index: 
     slices = [(int(i), None if f is None else int(f)) for i, f in dicom["slices"]]
     try:
         sources = dicom_headers.decode_headers(blobs)  # type: ignore[arg-type]
-        return dicom_seg.dicom_seg(sources, masks_of(result), slices, result)
+        return dicom_seg.dicom_seg(
+            sources,
+            masks_of(result),
+            slices,
+            result,
+            series_number=seg.series_number,
+            series_description=seg.series_description or None,
+        )
     except (InvalidRequest, InvalidImage) as err:  # the request was fine; this input cannot be a SEG's source
         raise OutputNotAvailable(err.message) from err

@@ -269,7 +269,7 @@ class Worker:
     ) -> None:
         """Make the DICOM SEG now, while the headers are in memory, and hand it to the background sender."""
         try:
-            seg = await asyncio.to_thread(outputs.render, "dicom-seg", result, members)
+            seg = await asyncio.to_thread(outputs.render, "dicom-seg", result, members, None, self.settings.seg)
         except ServiceError as err:
             await forwarder.failed(job_id, f"no DICOM SEG could be made: {err.message}")
             return

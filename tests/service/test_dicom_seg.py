@@ -556,3 +556,22 @@ def test_the_same_request_gives_the_same_seg_uids() -> None:
     other_model = make_result(3)
     other_model.model.digest = "f" * 64
     assert uids(masks, other_model)[0] != first[0]
+
+
+def test_series_number_and_description_are_settings() -> None:
+    """(issue 20, item 6) What a reader sees in the PACS's series list; RESEARCH USE ONLY always leads."""
+    from service.config import SegSettings
+
+    series = ct_series(2)
+    masks = np.stack([disc(128, 128, (64, 64), 10) for _ in range(2)])
+    seg = pydicom.dcmread(
+        io.BytesIO(
+            dicom_seg(series, masks, [(0, None), (1, None)], make_result(2), series_number=77, series_description="AI")
+        )
+    )
+    assert (
+        seg.SeriesNumber == 77
+        and seg.SeriesDescription.startswith("RESEARCH USE ONLY")
+        and "AI" in seg.SeriesDescription
+    )
+    assert SegSettings().series_number == 9901

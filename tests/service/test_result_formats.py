@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.config import QueueSettings
+from service.config import QueueSettings, SegSettings
 from service.outputs import rle
 from tests.service.harness import disc_image, engine_for, make_settings, png_bytes, running
 from tests.service.test_dicom_seg import dciodvfy_errors
@@ -121,6 +121,7 @@ def test_a_dicom_series_as_seg_nifti_and_png(
     redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(redis_url, queue_settings, exported)
+    settings = settings.model_copy(update={"seg": SegSettings(series_number=42, series_description="c2p test")})
     files, _ = ct_series()
     sources = {pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID: pydicom.dcmread(io.BytesIO(data)) for _, data in files}
 
@@ -150,6 +151,7 @@ def test_a_dicom_series_as_seg_nifti_and_png(
     path.write_bytes(seg_bytes)
     assert dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
+    assert seg.SeriesNumber == 42 and seg.SeriesDescription == "RESEARCH USE ONLY c2p test"  # C2P_SEG__* settings
     ordered = [entry["sop_instance_uid"] for entry in _instances(job, files)]
     first = sources[ordered[0]]
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
