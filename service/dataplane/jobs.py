@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from service.errors import Cancelled, DeadlineExceeded, JobNotFound, ServiceError, from_code
+from service.errors import Cancelled, DeadlineExceeded, InvalidRequest, JobNotFound, ServiceError, from_code
 from service.queue import TERMINAL, JobQueue
 from service.schema import Job
 
@@ -69,3 +70,13 @@ async def stop_task(task: asyncio.Future[Any]) -> None:
         await asyncio.wait({task}, timeout=0.1)
     if not task.cancelled():
         task.exception()  # retrieved: an error after the decision to stop is of no interest
+
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def series_uid(value: str) -> str:
+    """A caller's SeriesInstanceUID, refused unless it is a DICOM UID (digits and dots, at most 64 characters)."""
+    if not isinstance(value, str) or len(value) > 64 or not UID_RE.fullmatch(value):
+        raise InvalidRequest("series_uid must be a DICOM UID: digits and dots, at most 64 characters")
+    return value

@@ -6,7 +6,6 @@ submission path, and writes the shared error table's answers as ``{"code", "mess
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from service.access import Access
 from service.config import Settings
 from service.dataplane.jobs import failure
+from service.dataplane.jobs import series_uid as check_series_uid
 from service.dataplane.models import ModelDirectory
 from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import InvalidRequest, ResultNotReady, ServiceError
@@ -29,7 +29,6 @@ from service.repository import parse_reference
 from service.schema import ErrorInfo, Job
 
 API = "rest"
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorInfo, "description": description}
@@ -110,8 +109,8 @@ async def submit(
         raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
     hint = modality_hint(modality)
     name, version = parse_reference(model) if model is not None else (None, None)
-    if series_uid is not None and not UID_RE.fullmatch(series_uid):
-        raise InvalidRequest("series_uid must be a DICOM UID: digits and dots, at most 64 characters")
+    if series_uid is not None:
+        check_series_uid(series_uid)
     models: ModelDirectory = request.app.state.models
     await models.route(name, version)  # an unknown model or version is refused before the upload is read
     files = await read_files(request, settings.limits)
@@ -155,9 +154,7 @@ async def jobs_for_series(
 ) -> SeriesJobs:
     """The caller's jobs (and their results) for a DICOM series it sent, oldest first: how a PACS bridge finds the
     result of a series without keeping job ids."""
-    if not UID_RE.fullmatch(series_uid):
-        raise InvalidRequest("series_uid must be a DICOM UID: digits and dots, at most 64 characters")
-    jobs = await queue_of(request).jobs_for_series(principal.tenant, series_uid)
+    jobs = await queue_of(request).jobs_for_series(principal.tenant, check_series_uid(series_uid))
     for job in jobs:
         await access_of(request).record("read", principal, API, job.id)
     return SeriesJobs(jobs=jobs)

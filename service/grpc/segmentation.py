@@ -21,6 +21,7 @@ import grpc
 from service.access import Access
 from service.auth import Principal
 from service.config import GrpcSettings, Settings
+from service.dataplane.jobs import series_uid
 from service.dataplane.models import ModelDirectory
 from service.dataplane.submit import modality_hint, submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
@@ -78,6 +79,16 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             principal = await caller(context, self.access)
             reply = self._reply(await self.queue.get(request.id, tenant=principal.tenant))
             await self.access.record("read", principal, API, request.id)
+            return reply
+
+    async def ListSegmentations(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async with service_errors(context, self.metrics):
+            principal = await caller(context, self.access)
+            jobs = await self.queue.jobs_for_series(principal.tenant, series_uid(request.series_uid))
+            for job in jobs:
+                await self.access.record("read", principal, API, job.id)
+            reply = segmentation_pb2.ListSegmentationsResponse(jobs=[job_to_proto(job) for job in jobs])
+            check_response_size(reply.ByteSize(), self.config.max_send_message_bytes)
             return reply
 
     async def WatchSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802

@@ -76,3 +76,27 @@ def test_one_series_is_picked_out_of_an_upload_that_holds_several(
             assert none.status_code == 422 and "holds 2 other series" in none.json()["message"]
 
     asyncio.run(scenario())
+
+
+def test_the_series_lookup_over_grpc(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
+    import grpc
+    import pytest
+
+    from service.grpc import segmentation_pb2
+    from tests.service.test_grpc import serving
+
+    settings = make_settings(redis_url, queue_settings, exported)
+    files, _ = ct_series()
+    series_uid = str(pydicom.dcmread(io.BytesIO(files[0][1])).SeriesInstanceUID)
+
+    async def scenario() -> None:
+        async with serving(settings) as s:
+            request = segmentation_pb2.SegmentRequest(files=[segmentation_pb2.File(name=n, data=d) for n, d in files])
+            job = await s.stub.Segment(request)
+            listed = await s.stub.ListSegmentations(segmentation_pb2.ListSegmentationsRequest(series_uid=series_uid))
+            assert [j.id for j in listed.jobs] == [job.id]
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await s.stub.ListSegmentations(segmentation_pb2.ListSegmentationsRequest(series_uid="1.x"))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(scenario())
