@@ -43,6 +43,11 @@ class Preprocessing(_Model):
     window: tuple[float, float] | None = Field(None, description="(center, width) in stored units after rescale")
     percentiles: tuple[float, float] | None = None
     input_size: int = Field(description="side of the square the network saw; masks are resized back")
+    pixels_per_model_pixel: tuple[float, float] | None = Field(
+        None,
+        description="(rows, columns) of input pixels behind one pixel of the network's square: the effective"
+        " resolution; above 1 the network saw the slice shrunk (fine detail is lost), unequal means it was stretched",
+    )
 
 
 class InputInfo(_Model):

@@ -35,8 +35,13 @@ def plan(volume: Volume, input_size: int, recipe: Recipe | None = None) -> Prepr
         picture=picture,
         header_window=volume.window,
     )
+    _, rows, columns = volume.shape
     return Preprocessing(
-        method=decided.method, window=decided.window, percentiles=decided.percentiles, input_size=input_size
+        method=decided.method,
+        window=decided.window,
+        percentiles=decided.percentiles,
+        input_size=input_size,
+        pixels_per_model_pixel=(round(rows / input_size, 4), round(columns / input_size, 4)),
     )
 
 

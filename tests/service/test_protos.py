@@ -179,7 +179,13 @@ def full_job() -> Job:
             orientation="LPS",
             affine=[[-0.8, 0, 0, 21.2], [0, -0.9, 0, 31.1], [0, 0, 2.5, 30], [0, 0, 0, 1]],
             stored_orientation="RAS",
-            preprocessing=Preprocessing(method="ct-window", window=(40, 400), percentiles=(0.5, 99.5), input_size=64),
+            preprocessing=Preprocessing(
+                method="ct-window",
+                window=(40, 400),
+                percentiles=(0.5, 99.5),
+                input_size=64,
+                pixels_per_model_pixel=(1.5, 2.0),
+            ),
         ),
         mask=Mask(
             size=(96, 128),

@@ -94,6 +94,10 @@ def test_nifti_volume_mask_comes_back_on_the_input_grid(
             assert np.allclose(canonical @ [39, 29, 0, 1], affine @ [0, 0, 0, 1])
             assert result["input"]["modality"] == "MR"
             assert result["input"]["preprocessing"]["method"] == "percentile"
+            size = result["input"]["preprocessing"]["input_size"]  # the effective resolution (issue 20, item 3)
+            assert result["input"]["preprocessing"]["pixels_per_model_pixel"] == pytest.approx(
+                [30 / size, 40 / size], abs=1e-4
+            )
             assert result["mask"]["size"] == [30, 40]
             assert [s["index"] for s in result["mask"]["slices"]] == list(range(6))
             assert len(result["reliability"]["slices"]) == 6
