@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -64,15 +65,13 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             principal = await caller(context, self.access)
             files = [(f.name, f.data) for f in request.files]
             _check_files(files, self.settings)
-            modality = request.modality if request.HasField("modality") else None
-            model = request.model if request.HasField("model") else None
-            return await self._segment(principal, files, modality, model, request.wait_seconds, context)
+            return await self._segment(principal, files, _options(request), context)
 
     async def SegmentStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
             principal = await caller(context, self.access)  # before a byte of the upload is read
-            files, modality, model, wait_s = await self._receive(request_iterator)
-            return await self._segment(principal, files, modality, model, wait_s, context)
+            files, options = await self._receive(request_iterator)
+            return await self._segment(principal, files, options, context)
 
     async def GetSegmentation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async with service_errors(context, self.metrics):
@@ -119,16 +118,15 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
         self,
         principal: Principal,
         files: list[Upload],
-        modality: str | None,
-        model: str | None,
-        wait_s: float,
+        options: Options,
         context: grpc.aio.ServicerContext,
     ) -> Any:
         started = time.perf_counter()
+        wait_s, model = options.wait_s, options.model
         max_wait = self.settings.queue.max_wait_s
         if not 0 <= wait_s <= max_wait:
             raise InvalidRequest(f"wait_seconds must be between 0 and {max_wait:g}")
-        hint = modality_hint(modality)
+        hint = modality_hint(options.modality)
         name, version = parse_reference(model) if model is not None else (None, None)
         job = await submit_upload(
             self.queue,
@@ -139,6 +137,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             tenant=principal.tenant,
             model=name,
             version=version,
+            series_uid=None if options.series_uid is None else series_uid(options.series_uid),
             trace_parent=trace_headers(context),
         )
         del files
@@ -193,22 +192,18 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             log.warning("could not delete abandoned job %s: %s", job_id, err.message)
             return False
 
-    async def _receive(self, chunks: AsyncIterator[Any]) -> tuple[list[Upload], str | None, str | None, float]:
+    async def _receive(self, chunks: AsyncIterator[Any]) -> tuple[list[Upload], Options]:
         """The files of a chunked upload, with the limits enforced as chunks arrive, not after."""
         limits = self.settings.limits
         files: list[Upload] = []
         parts: list[bytes] = []
         name: str | None = None  # the file being received; None between files
         received = 0
-        modality: str | None = None
-        model: str | None = None
-        wait_s = 0.0
+        options = Options()
         first = True
         async for chunk in chunks:
             if first:
-                modality = chunk.modality if chunk.HasField("modality") else None
-                model = chunk.model if chunk.HasField("model") else None
-                wait_s = chunk.wait_seconds
+                options = _options(chunk)
                 first = False
             if name is None:
                 if len(files) >= limits.max_files:
@@ -231,7 +226,24 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             raise InvalidRequest(f"the upload ended inside {name!r}: a file's final chunk must have last set")
         if not files:
             raise InvalidRequest("no file in the upload")
-        return files, modality, model, wait_s
+        return files, options
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a Segment request (or a stream's first chunk) asks beside its files."""
+
+    modality: str | None = None
+    model: str | None = None
+    series_uid: str | None = None
+    wait_s: float = 0.0
+
+
+def _options(message: Any) -> Options:
+    def field(name: str) -> str | None:
+        return getattr(message, name) if message.HasField(name) else None
+
+    return Options(field("modality"), field("model"), field("series_uid"), message.wait_seconds)
 
 
 def _check_files(files: Sequence[Upload], settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import zipfile
 from pathlib import Path
 
 import pydicom
@@ -78,6 +79,20 @@ def test_one_series_is_picked_out_of_an_upload_that_holds_several(
     asyncio.run(scenario())
 
 
+def other_series() -> list[tuple[str, bytes]]:
+    """Two instances of another series than ct_series()'s."""
+    other, _ = ct_series(count=2)
+    uid = pydicom.uid.generate_uid()
+    relabelled = []
+    for name, data in other:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SeriesInstanceUID = uid
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        relabelled.append((f"other-{name}", buffer.getvalue()))
+    return relabelled
+
+
 def test_the_series_lookup_over_grpc(redis_url: str, queue_settings: QueueSettings, exported: Path) -> None:
     import grpc
     import pytest
@@ -98,5 +113,17 @@ def test_the_series_lookup_over_grpc(redis_url: str, queue_settings: QueueSettin
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await s.stub.ListSegmentations(segmentation_pb2.ListSegmentationsRequest(series_uid="1.x"))
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # a series picked out of a zip holding two, by the request's series_uid (issue 20, item 2)
+            archive = io.BytesIO()
+            with zipfile.ZipFile(archive, "w") as zipped:
+                for name, data in [*files, *other_series()]:
+                    zipped.writestr(name, data)
+            study = [segmentation_pb2.File(name="study.zip", data=archive.getvalue())]
+            with pytest.raises(grpc.aio.AioRpcError) as mixed:
+                await s.stub.Segment(segmentation_pb2.SegmentRequest(files=study))
+            assert mixed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "series_uid" in mixed.value.details()
+            picked = await s.stub.Segment(segmentation_pb2.SegmentRequest(files=study, series_uid=series_uid))
+            listed = await s.stub.ListSegmentations(segmentation_pb2.ListSegmentationsRequest(series_uid=series_uid))
+            assert [j.id for j in listed.jobs] == [job.id, picked.id]
 
     asyncio.run(scenario())
