@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PLAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
+# The default model's version: the first digits of its artifact digest (what results and the index report).
 VERSION_DIGITS = 12
 
 

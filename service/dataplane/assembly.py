@@ -25,6 +25,25 @@ log = logging.getLogger(__name__)
 SOURCE = "stow-rs"
 
 
+async def keep_for_assembly(
+    queue: JobQueue,
+    models: ModelDirectory,
+    tenant: str,
+    series_uid: str,
+    deliver: str | None,
+    instances: list[tuple[str, bytes]],
+) -> list[str | None]:
+    """Keep ``(SOPInstanceUID, bytes)`` of one series until it is quiet (STOW-RS and DIMSE alike); per instance, the
+    job it is already part of (a sender's retry, not kept again) or None when it was kept now. Unavailable while no
+    model is routable: refused now rather than kept for a series nobody can segment."""
+    await models.route(None, None)
+    jobs = await queue.assembly.jobs_of(tenant, [uid for uid, _ in instances])
+    fresh = [item for item, job in zip(instances, jobs, strict=True) if job is None]
+    if fresh:
+        await queue.assembly.add(tenant, series_uid, deliver, fresh)
+    return jobs
+
+
 async def submit_assembled(
     queue: JobQueue, models: ModelDirectory, settings: Settings, series: Assembled
 ) -> Job | None:

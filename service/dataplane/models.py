@@ -27,13 +27,12 @@ from service.config import Settings
 from service.errors import ModelNotFound, Unavailable
 from service.queue import JobQueue, presence
 from service.queue.keys import lane_of
-from service.repository import version_key
+from service.repository import VERSION_DIGITS, version_key
 
 log = logging.getLogger(__name__)
 
 ALIAS = "c2p"
 SERVER_NAME = "c2p-serve"
-VERSION_DIGITS = 12
 # Announcements are read with SCAN; an infer request reuses a read this recent instead of scanning per request.
 WORKERS_TTL_S = 2.0
 

@@ -22,8 +22,10 @@ from pydicom import dcmread
 
 from service.auth import Principal
 from service.config import Settings
+from service.dataplane.assembly import keep_for_assembly
 from service.dataplane.models import ModelDirectory
 from service.errors import ServiceError
+from service.inputs.dicom.headers import holds_image
 from service.inputs.sniff import quiet
 from service.ops.audit import AuditLog
 from service.queue import JobQueue
@@ -34,8 +36,6 @@ API = "dimse"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-# SOP classes without an image to segment (as STOW-RS ignores them): acknowledged, not kept.
-NON_IMAGE_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{family}." for family in ("88", "11", "66", "481", "104"))
 # How long an instance may take to reach Redis before the sender is told to retry.
 STORE_TIMEOUT_S = 30.0
 
@@ -110,7 +110,7 @@ class Receiver:
             return CANNOT_UNDERSTAND
         if not (sop_class and sop_uid and series_uid):
             return CANNOT_UNDERSTAND
-        if sop_class.startswith(NON_IMAGE_CLASSES) or "Rows" not in header:
+        if not holds_image(header):  # as STOW-RS: acknowledged, not kept
             return SUCCESS
         principal = Principal(tenant=f"dimse:{calling}", subject=calling, method="dimse-ae")
         future = asyncio.run_coroutine_threadsafe(self._keep(principal, series_uid, sop_uid, data), self.loop)
@@ -126,10 +126,9 @@ class Receiver:
         return SUCCESS
 
     async def _keep(self, principal: Principal, series_uid: str, sop_uid: str, data: bytes) -> None:
-        await self.models.route(None, None)  # no model to segment with: refuse now rather than keep it forever
-        (job,) = await self.queue.assembly.jobs_of(principal.tenant, [sop_uid])
-        if job is None:  # an instance already part of a job (a resend) is acknowledged and not kept again
-            await self.queue.assembly.add(principal.tenant, series_uid, self.deliver, [(sop_uid, data)])
+        kept = [(sop_uid, data)]
+        (job,) = await keep_for_assembly(self.queue, self.models, principal.tenant, series_uid, self.deliver, kept)
+        if job is None:  # a resend of an instance already part of a job is acknowledged and not kept again
             await self.audit.record("submit", principal, API, None, instances=1, assembling=1)
 
 

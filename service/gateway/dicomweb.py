@@ -32,10 +32,12 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal
 from service.config import LimitSettings, Settings
+from service.dataplane.assembly import keep_for_assembly
 from service.dataplane.submit import submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.gateway.identity import Caller
 from service.gateway.uploads import declared_length
+from service.inputs.dicom.headers import holds_image
 from service.inputs.sniff import quiet
 from service.ops.metrics import Metrics
 from service.queue import JobQueue
@@ -71,10 +73,6 @@ UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInst
 # WarningReason (0008,1196) of an instance stored but not segmented: "elements discarded" (PS3.4 B.2.3), the nearest
 # status PS3.18 has for "kept, and nothing done with it".
 NOT_SEGMENTED = 0xB006
-# SOP classes a study carries beside its images that hold no image to segment: structured reports and key object
-# selections (.88), presentation states (.11), segmentations and other derived data (.66), RT objects (.481),
-# encapsulated documents (.104). A PACS sends them with the study; refusing them would fail its whole send.
-NON_IMAGE_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{family}." for family in ("88", "11", "66", "481", "104"))
 
 # The answers as documented in the OpenAPI schema: DICOM JSON for 200/202/409 (PS3.18 10.5.3), the service's error
 # body for a request refused as a whole. The routes build their responses themselves; the router's default response
@@ -229,12 +227,6 @@ async def read_parts(request: Request, limits: LimitSettings) -> list[Part]:
     return parts
 
 
-def is_image(ds: Any) -> bool:
-    """Whether an instance holds pixels to segment: not a non-image SOP class, and with Rows and Columns."""
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    return not sop_class.startswith(NON_IMAGE_CLASSES) and "Rows" in ds and "Columns" in ds
-
-
 def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], list[Instance], list[Failure]]:
     """Each part as an image Instance, an Instance without an image (acknowledged, not segmented) or a Failure with
     its reason; a SOPInstanceUID sent twice in one request counts once. Headers only: pixels are the worker's."""
@@ -272,7 +264,7 @@ def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], 
         if sop_instance in seen:  # a sender's retry inside one request: stored once
             continue
         seen.add(sop_instance)
-        (instances if is_image(ds) else others).append(
+        (instances if holds_image(ds) else others).append(
             Instance(index, sop_class, sop_instance, study_uid, series_uid, data)
         )
     return instances, others, failures
@@ -325,27 +317,22 @@ def stow_response(
 
 
 async def collect(
-    request: Request, principal: Principal, instances: list[Instance], deliver: bool
+    request: Request, principal: Principal, instances: list[Instance], deliver: str | None
 ) -> list[tuple[Instance, str]]:
     """Series assembly (``dicomweb.assembly_quiet_s``): keep the instances until their series is quiet
     (service/dataplane/assembly.py submits it). An instance already part of a job answers with that job's URL; a
     new one with the series lookup, which lists the job once it exists."""
     queue: JobQueue = request.app.state.queue
-    await request.app.state.models.route(None, None)  # nothing to segment with: 503 now, not a series kept forever
     stored: list[tuple[Instance, str]] = []
     for series_uid, members in by_series(instances).items():
-        jobs = await queue.assembly.jobs_of(principal.tenant, [i.sop_instance_uid for i in members])
-        fresh = [i for i, job in zip(members, jobs, strict=True) if job is None]
+        given = [(i.sop_instance_uid, i.data) for i in members]
+        jobs = await keep_for_assembly(queue, request.app.state.models, principal.tenant, series_uid, deliver, given)
+        lookup = f"{request.app.url_path_for('jobs_for_series')}?series_uid={series_uid}"
         for instance, job in zip(members, jobs, strict=True):
-            if job is not None:  # a retry of an instance whose series is already a job
-                stored.append((instance, public_url(request, str(request.app.url_path_for("get_job", job_id=job)))))
-        if fresh:
-            await queue.assembly.add(
-                principal.tenant, series_uid, deliver, [(i.sop_instance_uid, i.data) for i in fresh]
-            )
-            lookup = f"{request.app.url_path_for('jobs_for_series')}?series_uid={series_uid}"
-            stored += [(i, public_url(request, lookup)) for i in fresh]
-            await request.app.state.access.record("submit", principal, API, None, instances=len(fresh), assembling=1)
+            path = lookup if job is None else str(request.app.url_path_for("get_job", job_id=job))
+            stored.append((instance, public_url(request, path)))
+        if fresh := sum(job is None for job in jobs):
+            await request.app.state.access.record("submit", principal, API, None, instances=fresh, assembling=1)
     return stored
 
 

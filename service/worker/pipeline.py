@@ -25,6 +25,7 @@ from service.inputs import Upload, Volume, decode, orientation
 from service.inputs.orientation import Plane
 from service.ops import tracing
 from service.outputs import rle
+from service.repository import VERSION_DIGITS
 from service.schema import InputInfo, Mask, ModelInfo, SegmentationResult, SliceMask, Timings
 from service.worker import preprocess
 from service.worker.batcher import DynamicBatcher
@@ -56,7 +57,7 @@ def model_info(engine: Engine, kind: str, name: str | None = None, version: str 
     card = engine.artifact.card
     return ModelInfo(
         name=name or card["variant"],
-        version=version or engine.artifact.digest[:12],
+        version=version or engine.artifact.digest[:VERSION_DIGITS],
         digest=engine.artifact.digest,
         engine=kind,
     )

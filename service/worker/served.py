@@ -14,12 +14,11 @@ from typing import Any
 from service.config import Settings
 from service.errors import ServiceError
 from service.queue.keys import lane_of
-from service.repository import ModelEntry, describe, entries, narrow
+from service.repository import VERSION_DIGITS, ModelEntry, describe, entries, narrow
 from service.worker.engine import Engine, load_engine, warm_up
 
 log = logging.getLogger(__name__)
 
-VERSION_DIGITS = 12
 MIB = 1024 * 1024
 # Resident memory of a loaded ONNX or TorchScript model relative to its files on disk: the weights once, plus the
 # runtime's arena and the activations of a batch. A planning figure for the budget, not a measurement.

@@ -76,6 +76,12 @@ def dimse_settings(redis_url: str, queue: QueueSettings, exported: Path, destina
     return settings.model_copy(update={"dimse": dimse})
 
 
+def receiver_for(settings: Settings, client: aioredis.Redis, queue: JobQueue) -> Receiver:
+    """The receiver as the runner builds it, on this event loop."""
+    models = ModelDirectory.for_settings(client, settings)
+    return Receiver(settings, queue, models, AuditLog(client, settings), asyncio.get_running_loop())
+
+
 async def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
     for _ in range(int(timeout_s / 0.05)):
         if await predicate():
@@ -94,10 +100,7 @@ def test_a_series_c_stored_comes_back_as_one_seg_and_twice_is_still_one(
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
         queue = JobQueue(client, settings.queue)
-        receiver = Receiver(
-            settings, queue, ModelDirectory.for_settings(client, settings), AuditLog(client, settings),
-            asyncio.get_running_loop(),
-        )  # fmt: skip
+        receiver = receiver_for(settings, client, queue)
         try:
             async with running(settings, engine_for(exported)):
                 receiver.start()
@@ -152,10 +155,7 @@ def test_dcmtk_storescu_sends_a_series(
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
         queue = JobQueue(client, settings.queue)
-        receiver = Receiver(
-            settings, queue, ModelDirectory.for_settings(client, settings), AuditLog(client, settings),
-            asyncio.get_running_loop(),
-        )  # fmt: skip
+        receiver = receiver_for(settings, client, queue)
         try:
             async with running(settings, engine_for(exported)):
                 receiver.start()

@@ -49,15 +49,8 @@ def test_one_series_is_picked_out_of_an_upload_that_holds_several(
     import zipfile
 
     ct, _ = ct_series()
-    other, _ = ct_series(count=2)
-    other_uid = pydicom.uid.generate_uid()
-    relabelled = []
-    for name, data in other:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.SeriesInstanceUID = other_uid
-        buffer = io.BytesIO()
-        ds.save_as(buffer)
-        relabelled.append((f"other-{name}", buffer.getvalue()))
+    relabelled = other_series()
+    other_uid = str(pydicom.dcmread(io.BytesIO(relabelled[0][1])).SeriesInstanceUID)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
         for name, data in [*ct, *relabelled]:

@@ -96,6 +96,18 @@ class Header:
         return 0, (1 << self.bits_stored) - 1
 
 
+# SOP classes a study carries beside its images that hold no image to segment: structured reports and key object
+# selections (.88), presentation states (.11), segmentations and other derived data (.66), RT objects (.481),
+# encapsulated documents (.104). A PACS sends them with the study; refusing them would fail its whole send.
+NON_IMAGE_CLASSES = tuple(f"1.2.840.10008.5.1.4.1.1.{family}." for family in ("88", "11", "66", "481", "104"))
+
+
+def holds_image(ds: Any) -> bool:
+    """Whether an instance holds pixels to segment: not a non-image SOP class, and with Rows and Columns."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    return not sop_class.startswith(NON_IMAGE_CLASSES) and "Rows" in ds and "Columns" in ds
+
+
 def _values(value: Any) -> list[Any]:
     """pydicom gives a multi-valued element as a sequence and a single value as a scalar; strings are scalars."""
     if value is None:
