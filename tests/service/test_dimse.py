@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,9 +23,17 @@ from service.dimse.receiver import Receiver, check_exposure
 from service.ops.audit import AuditLog
 from service.queue import JobQueue
 from tests.service.harness import engine_for, free_port, make_settings, running
+from tests.service.orthanc import orthanc_available, running_orthanc
 from tests.service.test_inputs import ct_series
 
 QUIET_S = 1.0
+SEG_CLASS = str(SegmentationStorage)
+
+
+def forty_slices() -> list[tuple[str, bytes]]:
+    """The issue's 40-instance CT series, in a shuffled order (positions, not arrival, decide the stack)."""
+    order = tuple(random.Random(40).sample(range(40), 40))
+    return ct_series(40, order)[0]
 
 
 class Destination:
@@ -63,13 +72,14 @@ def destination() -> Destination:
     target.server.shutdown()
 
 
-def dimse_settings(redis_url: str, queue: QueueSettings, exported: Path, destination: Destination) -> Settings:
+def dimse_settings(redis_url: str, queue: QueueSettings, exported: Path, destination: Destination | str) -> Settings:
+    """The service's DIMSE door on a free port; SEGs go to ``destination`` (the test's SCP, or AE@host:port)."""
     settings = make_settings(redis_url, queue, exported)
     dimse = DimseSettings(
         port=free_port(),
-        allowed_calling_aes="TESTSCU,STORESCU",
+        allowed_calling_aes="TESTSCU,STORESCU,ORTHANC",
         quiet_s=QUIET_S,
-        destination=f"DEST@127.0.0.1:{destination.port}",
+        destination=destination if isinstance(destination, str) else f"DEST@127.0.0.1:{destination.port}",
         attempts=2,
         backoff_s=0.1,
     )
@@ -147,7 +157,7 @@ def test_dcmtk_storescu_sends_a_series(
 ) -> None:
     settings = dimse_settings(redis_url, queue_settings, exported, destination)
     files = []
-    for name, data in ct_series()[0]:
+    for name, data in forty_slices():
         (tmp_path / name).write_bytes(data)
         files.append(str(tmp_path / name))
     series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
@@ -167,15 +177,72 @@ def test_dcmtk_storescu_sends_a_series(
                     jobs = await queue.jobs_for_series("dimse:STORESCU", series_uid)
                     return bool(jobs) and jobs[0].status == "succeeded"
 
-                await wait_for(finished, "storescu's series segmented")
+                await wait_for(finished, "storescu's series segmented", 120)
 
                 async def sent_back() -> bool:
                     return len(destination.received) == 1
 
                 await wait_for(sent_back, "its SEG sent back")
+                (seg,) = destination.received
+                assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 40  # one volume of forty
         finally:
             await asyncio.to_thread(receiver.stop)
             await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(orthanc_available() is not None, reason=orthanc_available() or "")
+def test_orthanc_c_stores_a_series_and_gets_its_seg_back_once(
+    redis_url: str, queue_settings: QueueSettings, exported: Path, tmp_path: Path
+) -> None:
+    """Orthanc as the hospital's PACS on both ends: it C-STOREs a 40-slice CT series to our AE title (its own
+    DIMSE client, not ours), and the SEG comes back to its own C-STORE SCP; a resend gives no second job or SEG."""
+    instances = [data for _, data in forty_slices()]
+    first = pydicom.dcmread(io.BytesIO(instances[0]), stop_before_pixels=True)
+    series_uid, study_uid = str(first.SeriesInstanceUID), str(first.StudyInstanceUID)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        queue = JobQueue(client, queue_settings)
+        port = free_port()  # ours, known before Orthanc starts so its modality table can name it
+        overrides = {"DicomModalities": {"c2p": ["C2P", "127.0.0.1", port]}, "DicomScuTimeout": 30}
+        with running_orthanc(tmp_path / "orthanc", dicom_server=True, config_overrides=overrides) as orthanc:
+            settings = dimse_settings(redis_url, queue_settings, exported, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+            settings = settings.model_copy(update={"dimse": settings.dimse.model_copy(update={"port": port})})
+            receiver = receiver_for(settings, client, queue)
+            try:
+                async with running(settings, engine_for(exported)):
+                    receiver.start()
+                    series_id = {orthanc.upload(data)["ParentSeries"] for data in instances}.pop()
+
+                    def c_store_from_orthanc() -> None:
+                        orthanc.post("/modalities/c2p/store", {"Resources": [series_id], "Synchronous": True})
+
+                    def segs() -> list[dict]:
+                        return [i for i in orthanc.instances_of_study(study_uid) if i["SOPClassUID"] == SEG_CLASS]
+
+                    await asyncio.to_thread(c_store_from_orthanc)
+                    (seg_entry,) = await asyncio.to_thread(orthanc.wait_for, segs, 120)
+                    seg = pydicom.dcmread(io.BytesIO(orthanc.download(seg_entry["ID"])))
+                    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+                    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 40
+                    assert "RESEARCH USE ONLY" in seg.SeriesDescription
+
+                    async def recorded_sent() -> bool:
+                        (job,) = await queue.jobs_for_series("dimse:ORTHANC", series_uid)
+                        return job.forwarding is not None and job.forwarding.status == "sent"
+
+                    await wait_for(recorded_sent, "the job's forwarding recorded as sent")
+
+                    await asyncio.to_thread(c_store_from_orthanc)  # the PACS sends the series again
+                    await asyncio.sleep(3 * QUIET_S)
+                    assert len(await queue.jobs_for_series("dimse:ORTHANC", series_uid)) == 1
+                    (again,) = await asyncio.to_thread(segs)
+                    assert again["SOPInstanceUID"] == seg.SOPInstanceUID
+            finally:
+                await asyncio.to_thread(receiver.stop)
+                await client.aclose()
 
     asyncio.run(scenario())
 
