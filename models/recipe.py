@@ -16,9 +16,14 @@ The rule, by what a stored value means:
   slice is) map to [0, 1]. Radiographs with a header window (CR, DX, MG) use that window, as their readers do.
 - **RGB** is ``x / 255`` per channel.
 
-Then each slice is resized straight to the network's square (no letterbox) with Pillow's bilinear filter on
-float32 values, which widens its support when it shrinks (anti-aliased), grey is repeated over three channels,
-and the card's mean and std normalise it. Masks for training take the same resize and a 0.5 threshold.
+Then each slice is letterboxed into the network's square (version 2): resized, aspect kept, so its longer side
+fills the square, with Pillow's bilinear filter on float32 values, which widens its support when it shrinks
+(anti-aliased), and centred on zeros (the recipe's black); the network's output is cropped back to that box
+before it is resized to the input's grid, so a 512 x 300 slice is neither squashed on the way in nor on the way
+out. Version 1 stretched every slice to the square; its cards still read as stretch. On a square image the two
+are the same. Grey is repeated over three channels, and the card's mean and std normalise it. Masks for
+training take the same resize and a 0.5 threshold. The content gate looks at the box only: the black bands are
+the recipe's, not the image's.
 
 numpy and Pillow only: the service imports this without torch.
 """
@@ -34,9 +39,13 @@ from PIL import Image
 
 __all__ = [
     "BLANK_STD",
+    "LETTERBOX",
     "PICTURE_WINDOW",
+    "STRETCH",
+    "Box",
     "Plan",
     "Recipe",
+    "content_box",
     "decide",
     "is_blank",
     "network_input",
@@ -49,6 +58,10 @@ Method = Literal["ct-window", "percentile", "window", "rgb", "minmax"]
 
 # An 8-bit picture's x / 255, written as a window so a recorded plan reproduces it.
 PICTURE_WINDOW = (127.5, 255.0)
+# How a slice reaches the network's square: the recipe's ``resize``, by version.
+STRETCH = "stretch-bilinear-antialiased"
+LETTERBOX = "letterbox-bilinear-antialiased"
+_RESIZE_OF_VERSION = {1: STRETCH, 2: LETTERBOX}
 # Modalities whose values have no fixed meaning: a header window there is a display preference, not a scale.
 STATISTICAL_MODALITIES = frozenset({"MR", "US", "PT", "NM"})
 # Modalities whose 8-bit grey is still read statistically (MR magnitude scaled to 8 bits keeps no meaning).
@@ -69,9 +82,13 @@ class Recipe:
 
     ct_window: tuple[float, float] = (-600.0, 1500.0)  # (center, width) in HU: lung window, soft tissue visible
     percentiles: tuple[float, float] = (0.5, 99.5)
-    resize: str = "stretch-bilinear-antialiased"
+    resize: str = LETTERBOX
     channels: str = "grey repeated to 3; RGB as is"
-    version: int = 1
+    version: int = 2
+
+    @property
+    def letterbox(self) -> bool:
+        return self.resize == LETTERBOX
 
     def to_card(self) -> dict[str, Any]:
         return {
@@ -87,16 +104,20 @@ class Recipe:
 
     @classmethod
     def from_card(cls, block: Mapping[str, Any] | None) -> Recipe:
-        """The card's recipe; a card without one (written before recipes) gets this module's defaults."""
+        """The card's recipe; a card without one (written before recipes, when every slice was stretched) gets
+        this module's numbers with version 1's stretch."""
         if not block:
-            return cls()
-        if int(block.get("version", 0)) != cls.version:
-            raise ValueError(f"recipe version {block.get('version')!r} is not {cls.version}: this code cannot apply it")
+            return cls(resize=STRETCH, version=1)
+        version = int(block.get("version", 0))
+        if version not in _RESIZE_OF_VERSION:
+            raise ValueError(f"recipe version {block.get('version')!r} is not one of {sorted(_RESIZE_OF_VERSION)}")
         center, width = (float(v) for v in block["ct"]["window"])
         low, high = (float(v) for v in block["grey"]["percentiles"])
         if width <= 0 or not 0 <= low < high <= 100:
             raise ValueError(f"recipe numbers out of range: ct window {center, width}, percentiles {low, high}")
-        return cls(ct_window=(center, width), percentiles=(low, high))
+        return cls(
+            ct_window=(center, width), percentiles=(low, high), resize=_RESIZE_OF_VERSION[version], version=version
+        )
 
 
 @dataclass(frozen=True)
@@ -168,29 +189,73 @@ def to_unit(plane: np.ndarray, plan: Plan) -> np.ndarray:
     return np.nan_to_num(out, copy=False)
 
 
-def _resize_plane(plane: np.ndarray, size: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Box:
+    """Where an image's content lies in the network's square: rows ``top:top + rows``, columns ``left:...``."""
+
+    top: int
+    left: int
+    rows: int
+    columns: int
+
+    def of(self, square: np.ndarray) -> np.ndarray:
+        """The content's part of a [S, S, ...] array (a view)."""
+        return square[self.top : self.top + self.rows, self.left : self.left + self.columns]
+
+
+def content_box(height: int, width: int, size: int, letterbox: bool) -> Box:
+    """The box a height x width image fills in the size x size square: all of it when stretched or square; else
+    its longer side spans the square and the shorter is scaled alike (at least one pixel), centred."""
+    if not letterbox or height == width:
+        return Box(0, 0, size, size)
+    scale = size / max(height, width)
+    rows = min(size, max(1, round(height * scale)))
+    columns = min(size, max(1, round(width * scale)))
+    return Box((size - rows) // 2, (size - columns) // 2, rows, columns)
+
+
+def _resize_plane(plane: np.ndarray, rows: int, columns: int) -> np.ndarray:
     picture = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
-    return np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(picture.resize((columns, rows), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def resize_unit(unit: np.ndarray, size: int) -> np.ndarray:
+def _into_square(planes: np.ndarray, size: int, letterbox: bool) -> np.ndarray:
+    """[Y, X] or [Y, X, C] float32 -> [S, S] or [S, S, C]: each plane resized into its box, zeros around it."""
+    box = content_box(planes.shape[0], planes.shape[1], size, letterbox)
+    if planes.shape[:2] == (box.rows, box.columns) == (size, size):
+        return np.array(planes, dtype=np.float32)
+    out = np.zeros((size, size, *planes.shape[2:]), np.float32)
+    if planes.ndim == 2:
+        box.of(out)[...] = _resize_plane(planes, box.rows, box.columns)
+    else:
+        for c in range(planes.shape[2]):
+            box.of(out)[..., c] = _resize_plane(planes[..., c], box.rows, box.columns)
+    return out
+
+
+def resize_unit(unit: np.ndarray, size: int, letterbox: bool) -> np.ndarray:
     """[Y, X] or [Y, X, 3] float32 -> the same at size x size (a new array, values stay in [0, 1])."""
-    if unit.shape[:2] == (size, size):
-        return np.array(unit, dtype=np.float32)
-    if unit.ndim == 2:
-        return np.clip(_resize_plane(unit, size), 0.0, 1.0)
-    return np.clip(np.stack([_resize_plane(unit[..., c], size) for c in range(unit.shape[2])], axis=2), 0.0, 1.0)
+    return np.clip(_into_square(unit, size, letterbox), 0.0, 1.0)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: int, letterbox: bool) -> np.ndarray:
     """A {0, 1} mask through the image's resize, thresholded at one half (so it stays aligned with the image)."""
-    if mask.shape[:2] == (size, size):
-        return (mask > 0).astype(np.uint8)
-    return (_resize_plane(mask.astype(np.float32), size) >= 0.5).astype(np.uint8)
+    return (_into_square((mask > 0).astype(np.float32), size, letterbox) >= 0.5).astype(np.uint8)
+
+
+def to_grid(prob: np.ndarray, height: int, width: int, letterbox: bool) -> np.ndarray:
+    """The network's [S, S] probability back on a height x width input's grid: the content box cropped, then
+    resized (bilinear) to the input's size. Thresholding comes after: a resized thresholded mask would have
+    staircase edges at every upscale."""
+    box = content_box(height, width, prob.shape[0], letterbox)
+    content = box.of(prob)
+    if content.shape == (height, width):
+        return np.asarray(content, np.float32)
+    return _resize_plane(content, height, width)
 
 
 def is_blank(unit: np.ndarray) -> bool:
-    """The content gate on a resized [0, 1] slice (grey or RGB): see ``BLANK_STD``."""
+    """The content gate on a resized [0, 1] slice (grey or RGB), its content box only: see ``BLANK_STD``."""
     return float(np.std(unit)) < BLANK_STD
 
 

@@ -172,6 +172,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = evaluate_through_service(args.model, args.data, args.json, limit=args.limit)
         print(json.dumps(report["summary"], indent=2))
         return 0
+    if args.aspect:
+        from models.evaluate.aspect import evaluate_aspect
+
+        report = evaluate_aspect(args.model, args.data, args.json, batch=args.batch, limit=args.limit)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
     report = evaluate(
         args.model, args.data, args.json, report_dir=args.report, batch=args.batch, calibration=args.calibration
     )
@@ -315,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--through-service", action="store_true", help="send the test cases as files through the service's path"
     )
-    evaluate.add_argument("--limit", type=int, help="with --through-service: at most this many cases per dataset")
+    evaluate.add_argument(
+        "--aspect", action="store_true", help="non-square crops of the test cases, stretched vs letterboxed"
+    )
+    evaluate.add_argument(
+        "--limit", type=int, help="with --through-service or --aspect: at most this many cases per dataset"
+    )
     evaluate.add_argument("--json", required=True, help="where to write the results")
     evaluate.add_argument("--report", help="folder for report.md, reliability.png and gallery.png")
     evaluate.add_argument("--batch", type=int, default=8)

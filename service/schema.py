@@ -43,6 +43,11 @@ class Preprocessing(_Model):
     window: tuple[float, float] | None = Field(None, description="(center, width) in stored units after rescale")
     percentiles: tuple[float, float] | None = None
     input_size: int = Field(description="side of the square the network saw; masks are resized back")
+    resize: Literal["letterbox", "stretch"] = Field(
+        "letterbox",
+        description="how each slice reached the square: letterbox keeps its aspect (centred on black bands, the"
+        " mask cropped back from the same box); stretch (recipe version 1 models) squashes it to the square",
+    )
     pixels_per_model_pixel: tuple[float, float] | None = Field(
         None,
         description="(rows, columns) of input pixels behind one pixel of the network's square: the effective"

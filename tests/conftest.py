@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
+from models.recipe import Recipe
 from models.registry import build_c2p, get_config
 
 TEST_VARIANT = "c2p-test-64"
@@ -20,9 +21,11 @@ def seeded_network(variant: str = TEST_VARIANT, seed: int = 0) -> torch.nn.Modul
 
 @pytest.fixture(scope="session")
 def test_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``c2p train`` writes one: its card names the recipe it was trained by (today's, letterbox)."""
     network = seeded_network()
+    card = {"note": "tests", "recipe": Recipe().to_card()}
     return save_checkpoint(
-        network, tmp_path_factory.mktemp("ckpt") / "test.safetensors", get_config(TEST_VARIANT), {"note": "tests"}
+        network, tmp_path_factory.mktemp("ckpt") / "test.safetensors", get_config(TEST_VARIANT), card
     )
 
 

@@ -102,8 +102,9 @@ def _plane_groups(info: Any, case_ids: list[str]) -> dict[str, tuple[str, ...]]:
 
 
 @torch.no_grad()
-def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int) -> DatasetResult:
-    """The test split of one dataset through the serving graph in PyTorch, with the service's content gate."""
+def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int, recipe: recipes.Recipe) -> DatasetResult:
+    """The test split of one dataset through the serving graph in PyTorch, resized by the model's own recipe, with
+    the service's content gate (on each image's content box)."""
     info, cases = open_dataset(path)
     cases = [c for c in cases if c.split == "test" and c.label_path is not None]
     size = network.config.input_size
@@ -116,10 +117,14 @@ def run_dataset(network: torch.nn.Module, path: Path, batch: int, keep: int) -> 
     )  # fmt: skip
     for start in range(0, n, batch):
         chunk = cases[start : start + batch]
-        pairs = [resize_pair(*load_case(case, info), size) for case in chunk]
+        loaded = [load_case(case, info) for case in chunk]
+        pairs = [resize_pair(image, mask, size, recipe.letterbox) for image, mask in loaded]
         images = torch.stack([p[0] for p in pairs]).float() / 255
         masks = torch.stack([p[1] for p in pairs])[:, 0].numpy().astype(bool)
-        blank = np.array([recipes.is_blank(img.permute(1, 2, 0).numpy()) for img in images])
+        boxes = [recipes.content_box(*mask.shape[:2], size, recipe.letterbox) for _, mask in loaded]
+        blank = np.array(
+            [recipes.is_blank(box.of(img.permute(1, 2, 0).numpy())) for img, box in zip(images, boxes, strict=True)]
+        )
         seg = network.segment(network.normalize(make_views(images)))
         fused = consensus(seg.fg, seg.geometry, seg.concept, network.config.consensus)  # the serving graph's rule
         outputs = {k: v.numpy() for k, v in fused._asdict().items()}
@@ -253,12 +258,14 @@ def build_vocabulary(results: list[DatasetResult], cache_dir: Path) -> dict[str,
     return vocabulary_card(names, np.stack([table[n] for n in names]), 1.0, ENCODER)
 
 
-def _run_all(network: torch.nn.Module, data: Sequence[str | Path], batch: int, keep: int) -> list[DatasetResult]:
+def _run_all(
+    network: torch.nn.Module, data: Sequence[str | Path], batch: int, keep: int, recipe: recipes.Recipe
+) -> list[DatasetResult]:
     results = []
     for root in data:
         paths = find_datasets(root) if not (Path(root) / "dataset.json").is_file() else [Path(root)]
         for path in paths:
-            result = run_dataset(network, path, batch, keep=keep)
+            result = run_dataset(network, path, batch, keep, recipe)
             if result.case_ids:
                 log.info("%s (%s): Dice %.3f (single view %.3f)", result.name, result.split, result.dice.mean(),
                          result.dice_single.mean())  # fmt: skip
@@ -282,7 +289,8 @@ def evaluate(
     config, weights, card = resolve(model)
     network = build_c2p(config, checkpoint=weights).eval()
     data = [data] if isinstance(data, str | Path) else list(data)
-    results = _run_all(network, data, batch, gallery)
+    recipe = recipes.Recipe.from_card(card.get("recipe"))
+    results = _run_all(network, data, batch, gallery, recipe)
     if not results:
         raise ValueError(f"no labelled test cases under {', '.join(map(str, data))}")
     levels = None
@@ -292,7 +300,7 @@ def evaluate(
         for r in results:
             apply_abstention(r, abstain_bound(card.get("reliability")))
     else:
-        held = _run_all(network, [calibration], batch, 0)
+        held = _run_all(network, [calibration], batch, 0, recipe)
         scored = [r for r in held if r.split != "negative-blank"]
         bound = fit_abstention(*(np.concatenate(a) for a in zip(
             *((r.score, r.dice, ~r.empty_pred, r.empty_true) for r in scored), strict=True)))  # fmt: skip

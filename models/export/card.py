@@ -56,7 +56,9 @@ def build_card(config: C2PConfig, weights: dict[str, Any]) -> dict[str, Any]:
             "channels": "RGB",
             "size": size,
             "scale": "the recipe's [0, 1] values, then (x - mean) / std",
-            "recipe": weights.get("recipe") or Recipe().to_card(),
+            # Weights without a recipe (from before recipes, or imported from the reference code) were trained on
+            # stretched slices: version 1.
+            "recipe": Recipe.from_card(weights.get("recipe")).to_card(),
             "mean": list(config.mean),
             "std": list(config.std),
         },

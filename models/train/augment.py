@@ -4,6 +4,12 @@ h/v flips p=0.5, rotation +-10 deg p=0.2, brightness/contrast x[0.8, 1.2] p=0.5,
 sigma 0.05 p=0.2 (C2P.md). Flips mirror the cached geometry exactly (``flip_geometry``). After a
 rotation the reference marks geometry it cannot transform (the box) invalid; we measure the rotated
 mask instead, which is exact for every attribute and costs a few milliseconds per batch.
+
+One of our own, last: **letterbox** (p=``letterbox_p``) shows the network what the recipe makes of a
+non-square slice (models/recipe.py), since every generated image is square: a window of the square,
+columns / rows between ``letterbox_aspect`` and its inverse, around the target, centred on black bands
+at scale 1 (its longer side already spans the square, as the recipe resizes it). Exact zeros, as the
+service's bands are, so it comes after the intensity changes; the new mask is measured again.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class AugmentConfig:
     intensity_range: tuple[float, float] = (0.8, 1.2)
     noise_p: float = 0.2
     noise_sigma: float = 0.05
+    letterbox_p: float = 0.0
+    letterbox_aspect: float = 0.5  # the narrowest window: its short side is this share of the square at least
 
 
 def _chance(p: float, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -41,6 +49,32 @@ def rotate(images: torch.Tensor, masks: torch.Tensor, degrees: torch.Tensor) -> 
     rotated = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     rotated_masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return rotated, rotated_masks
+
+
+def letterbox(
+    images: torch.Tensor, masks: torch.Tensor, shares: torch.Tensor, wide: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's window (``shares`` of the square along its short axis, rows when ``wide``) centred on black.
+
+    The window holds the target's centre, jittered by a quarter of the window, so a target is cut at times but
+    never cropped away (its semantic target would then be wrong).
+    """
+    size = images.shape[-1]
+    out_images, out_masks = torch.zeros_like(images), torch.zeros_like(masks)
+    for i in range(images.shape[0]):
+        length = max(1, round(float(shares[i]) * size))
+        axis = -2 if wide[i] else -1
+        found = masks[i, 0].nonzero()
+        centre = float(found[:, axis + 2].float().mean()) if len(found) else size / 2
+        jitter = (float(torch.rand(1, generator=generator)) - 0.5) * length / 2
+        start = int(min(max(round(centre - length / 2 + jitter), 0), size - length))
+        place = (size - length) // 2
+        source, target = slice(start, start + length), slice(place, place + length)
+        if wide[i]:
+            out_images[i, :, target], out_masks[i, :, target] = images[i, :, source], masks[i, :, source]
+        else:
+            out_images[i, :, :, target], out_masks[i, :, :, target] = images[i, :, :, source], masks[i, :, :, source]
+    return out_images, out_masks
 
 
 def augment(
@@ -82,5 +116,15 @@ def augment(
 
     chosen = _chance(config.noise_p, n, generator).to(images).view(n, 1, 1, 1)
     noise = torch.randn(images.shape, generator=generator).to(images)
-    images = images + chosen * config.noise_sigma * noise
-    return images.clamp(0, 1), masks, geometry, valid
+    images = (images + chosen * config.noise_sigma * noise).clamp(0, 1)
+
+    chosen = _chance(config.letterbox_p, n, generator)
+    if chosen.any():
+        k = int(chosen.sum())
+        shares = config.letterbox_aspect + (1 - config.letterbox_aspect) * torch.rand(k, generator=generator)
+        wide = _chance(0.5, k, generator)
+        index = chosen.nonzero().squeeze(1).to(images.device)
+        boxed, boxed_masks = letterbox(images[index], masks[index], shares, wide, generator)
+        images[index], masks[index] = boxed, boxed_masks
+        geometry[index], valid[index] = measure(boxed_masks[:, 0])
+    return images, masks, geometry, valid

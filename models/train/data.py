@@ -21,6 +21,8 @@ from models.geometry import measure
 from models.train.semantics import SentenceEncoder, embed_fields, read_fields, template_fields
 
 CACHE_VERSION = 2
+# What ``c2p train`` writes into every checkpoint's card, so the images it learns from are resized by it.
+TRAINING_RECIPE = recipes.Recipe()
 
 
 @dataclass
@@ -39,16 +41,16 @@ class TaskData:
         return len(self.case_ids)
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, letterbox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """image HxWx3 float [0, 1], mask HxW {0, 1} -> uint8 [3, S, S] and [1, S, S], by the recipe's resize
     (models/recipe.py), the very function the service resizes with; the mask through it, thresholded at 0.5."""
-    unit = recipes.resize_unit(np.asarray(image, np.float32), size)
+    unit = recipes.resize_unit(np.asarray(image, np.float32), size, letterbox)
     img = torch.from_numpy(np.rint(unit * 255).astype(np.uint8).transpose(2, 0, 1).copy())
-    return img, torch.from_numpy(recipes.resize_mask(np.asarray(mask), size)[None].copy())
+    return img, torch.from_numpy(recipes.resize_mask(np.asarray(mask), size, letterbox)[None].copy())
 
 
 def _fingerprint(cases: list[Case], size: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION}:{size}".encode())
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{size}:{TRAINING_RECIPE.resize}".encode())
     for case in cases:
         for path in (*case.image_paths, case.label_path):
             if path is not None:
@@ -76,7 +78,8 @@ def load_task(path: str | Path, split: str, size: int, cache_dir: Path, encoder:
         with np.load(cache) as data:
             arrays = {k: torch.from_numpy(data[k]) for k in ("images", "masks", "geometry", "valid", "semantics")}
             return TaskData(info, json.loads(str(data["case_ids"])), **arrays)
-    images, masks = zip(*(resize_pair(*load_case(case, info), size) for case in cases), strict=True)
+    letterbox = TRAINING_RECIPE.letterbox
+    images, masks = zip(*(resize_pair(*load_case(case, info), size, letterbox) for case in cases), strict=True)
     image_t, mask_t = torch.stack(images), torch.stack(masks)
     geometry, valid = measure(mask_t[:, 0].float())
     if encoder is not None:

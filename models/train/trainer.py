@@ -19,11 +19,10 @@ import torch
 
 from models.checkpoint import read_tensors, save_checkpoint
 from models.data.layout import find_datasets, open_dataset
-from models.recipe import Recipe
 from models.registry import build_c2p, get_config
 from models.train.augment import augment
 from models.train.config import TrainConfig
-from models.train.data import MultiTaskSampler, TaskData, load_task
+from models.train.data import TRAINING_RECIPE, MultiTaskSampler, TaskData, load_task
 from models.train.loss import c2p_loss
 from models.train.semantics import SentenceEncoder
 
@@ -151,7 +150,7 @@ class Trainer:
                 "datasets": [t.info.name for t in self.tasks],
                 "images": {t.info.name: len(t) for t in self.tasks},
             },
-            "recipe": Recipe().to_card(),
+            "recipe": TRAINING_RECIPE.to_card(),
         }
 
     def save(self, name: str = "last") -> Path:

@@ -115,10 +115,12 @@ class Pipeline:
         parts = slice_parts(outputs)
         abstained = abstaining(outputs, parts, self.readout.abstain_below, threshold)
 
+        letterbox = plan.resize == "letterbox"
+
         def encode_all() -> list[SliceMask]:
             encoded = []
             for index, out in enumerate(outputs):
-                mask = mask_on_grid(out.prob, height, width, threshold)
+                mask = mask_on_grid(out.prob, height, width, threshold, letterbox)
                 if (outliers[index] and suppress) or abstained[index]:
                     mask[:] = 0
                 coded = rle.encode(mask)

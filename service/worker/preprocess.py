@@ -35,13 +35,16 @@ def plan(volume: Volume, input_size: int, recipe: Recipe | None = None) -> Prepr
         picture=picture,
         header_window=volume.window,
     )
+    recipe = recipe or Recipe()
     _, rows, columns = volume.shape
+    box = recipes.content_box(rows, columns, input_size, recipe.letterbox)
     return Preprocessing(
         method=decided.method,
         window=decided.window,
         percentiles=decided.percentiles,
         input_size=input_size,
-        pixels_per_model_pixel=(round(rows / input_size, 4), round(columns / input_size, 4)),
+        resize="letterbox" if recipe.letterbox else "stretch",
+        pixels_per_model_pixel=(round(rows / box.rows, 4), round(columns / box.columns, 4)),
     )
 
 
@@ -54,11 +57,14 @@ def to_unit(slice_: np.ndarray, plan: Preprocessing) -> np.ndarray:
     return recipes.to_unit(slice_, _recipe_plan(plan))
 
 
-def _units(volume: Volume, plan: Preprocessing) -> Iterator[np.ndarray]:
-    """Each slice mapped to [0, 1] and resized to the network's square, one at a time."""
+def _units(volume: Volume, plan: Preprocessing) -> Iterator[tuple[np.ndarray, recipes.Box]]:
+    """Each slice mapped to [0, 1] and resized into the network's square, one at a time, with its content box."""
     decided = _recipe_plan(plan)
+    letterbox = plan.resize == "letterbox"
+    _, rows, columns = volume.shape
+    box = recipes.content_box(rows, columns, plan.input_size, letterbox)
     for plane in volume.pixels:
-        yield recipes.resize_unit(recipes.to_unit(plane, decided), plan.input_size)
+        yield recipes.resize_unit(recipes.to_unit(plane, decided), plan.input_size, letterbox), box
 
 
 def prepared(
@@ -66,11 +72,11 @@ def prepared(
 ) -> Iterator[np.ndarray | None]:
     """Each slice as the network's float32 [3, S, S] input, or None where the content gate finds it blank
     (models/recipe.py: ``is_blank``); every array yielded is new (a batcher may hold it)."""
-    for unit in _units(volume, plan):
-        yield None if recipes.is_blank(unit) else recipes.network_input(unit, mean, std)
+    for unit, box in _units(volume, plan):
+        yield None if recipes.is_blank(box.of(unit)) else recipes.network_input(unit, mean, std)
 
 
 def slices(volume: Volume, plan: Preprocessing, mean: Sequence[float], std: Sequence[float]) -> Iterator[np.ndarray]:
     """Each slice as the network's float32 [3, S, S] input, blank or not (benchmarks, parity checks)."""
-    for unit in _units(volume, plan):
+    for unit, _ in _units(volume, plan):
         yield recipes.network_input(unit, mean, std)

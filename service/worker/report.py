@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from models.attributes import ATTRIBUTE_SLICES, GEOMETRY_FIELDS
+from models.recipe import to_grid
 from models.reliability import DEFAULT_LEVELS, abstains, level, reliability
 from service.schema import Reliability, SliceReliability
 
@@ -74,15 +74,10 @@ class SliceOutputs:
         )
 
 
-def mask_on_grid(prob: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
-    """Fused probability [S, S] -> uint8 mask [height, width] on the input's grid.
-
-    The probability is resized (bilinear), then thresholded: resizing a thresholded mask instead would
-    give staircase edges at every upscale.
-    """
-    if prob.shape != (height, width):
-        prob = np.asarray(Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
-    return (prob >= threshold).astype(np.uint8)
+def mask_on_grid(prob: np.ndarray, height: int, width: int, threshold: float, letterbox: bool) -> np.ndarray:
+    """Fused probability [S, S] -> uint8 mask [height, width] on the input's grid: the recipe's content box
+    cropped back and resized (models/recipe.py: ``to_grid``), then thresholded."""
+    return (to_grid(prob, height, width, letterbox) >= threshold).astype(np.uint8)
 
 
 def _robust_outliers(values: np.ndarray, mads: float, floor: float) -> np.ndarray:

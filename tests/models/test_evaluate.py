@@ -104,3 +104,30 @@ def test_evaluate_writes_results_and_a_report(tmp_path: Path) -> None:
     assert summary["reliability"]["images"] == 11
     for name in ("report.md", "reliability.png", "gallery.png"):
         assert (tmp_path / "r" / name).stat().st_size > 0
+
+
+def test_evaluate_aspect_scores_stretch_and_letterbox_on_the_same_crops(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_nnunet(data, "Dataset001_Blobs", 0, 3, seed=5)
+    checkpoint = save_checkpoint(seeded_network(), tmp_path / "m.safetensors", get_config("c2p-test-64"))
+    out = tmp_path / "aspect.json"
+    assert main(["evaluate", "--aspect", "--model", str(checkpoint), "--data", str(data), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    blobs = report["datasets"]["Dataset001_Blobs"]
+    assert blobs["crops"] == 6  # three cases, one wide and one tall crop each
+    assert 0 <= blobs["stretch_dice"] <= 1 and 0 <= blobs["letterbox_dice"] <= 1
+    summary = report["summary"]["in-domain"]
+    assert summary["letterbox_minus_stretch"] == pytest.approx(summary["letterbox_dice"] - summary["stretch_dice"])
+    assert report["card_recipe"] == "stretch-bilinear-antialiased"  # a card without a recipe: version 1
+
+
+def test_a_crop_keeps_the_target_and_the_long_side() -> None:
+    from models.evaluate.aspect import crop
+
+    image = np.zeros((100, 100, 3), np.float32)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[80:90, 5:15] = 1
+    wide_image, wide = crop(image, mask, 2.0)
+    _, tall = crop(image, mask, 0.5)
+    assert wide.shape == (50, 100) and tall.shape == (100, 50) and wide_image.shape == (50, 100, 3)
+    assert wide.sum() == tall.sum() == mask.sum()

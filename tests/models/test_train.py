@@ -110,6 +110,27 @@ def test_flips_and_rotations_keep_geometry_true_to_the_mask() -> None:
     assert torch.equal(again[0], out_images)
 
 
+def test_letterbox_shows_a_window_of_the_square_on_black_as_the_recipe_makes_a_non_square_slice() -> None:
+    images, masks = blobs(16)
+    geometry, valid = measure(masks[:, 0])
+    config = AugmentConfig(flip_p=0, rotate_p=0, intensity_p=0, noise_p=0, letterbox_p=1.0, letterbox_aspect=0.4)
+    out_images, out_masks, out_geometry, out_valid = augment(
+        images, masks, geometry, valid, config, torch.Generator().manual_seed(2)
+    )
+    size = images.shape[-1]
+    for image, mask, original in zip(out_images, out_masks, masks, strict=True):
+        rows = (image.sum((0, 2)) > 0).nonzero()[:, 0]
+        columns = (image.sum((0, 1)) > 0).nonzero()[:, 0]
+        kept = rows if len(rows) < size else columns  # the short axis: a window, the long one spans the square
+        assert len(rows) == size or len(columns) == size
+        assert 0.4 * size - 1 <= len(kept) <= size
+        assert abs((kept[0] + kept[-1]) / 2 - (size - 1) / 2) <= 1  # centred on the bands
+        assert original.sum() == 0 or mask.sum() > 0  # a target may be cut, never cropped away
+    expected, expected_valid = measure(out_masks[:, 0])
+    torch.testing.assert_close(out_geometry, expected, atol=1e-5, rtol=0)
+    assert torch.equal(out_valid, expected_valid)
+
+
 def write_nnunet(root: Path, name: str, n_train: int, n_test: int, seed: int) -> Path:
     folder = root / name
     images, masks = blobs(n_train + n_test, seed=seed)

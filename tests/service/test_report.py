@@ -29,10 +29,10 @@ def slice_outputs(area: float, centroid: tuple[float, float] = (0.5, 0.5), agree
 def test_mask_on_grid_resizes_the_probability_then_thresholds() -> None:
     prob = np.zeros((4, 4), dtype=np.float32)
     prob[1:3, 1:3] = 1.0
-    mask = mask_on_grid(prob, 8, 12, 0.5)
+    mask = mask_on_grid(prob, 8, 12, 0.5, letterbox=False)
     assert mask.shape == (8, 12) and mask.dtype == np.uint8
     assert mask[4, 6] == 1 and mask[0, 0] == 0
-    assert mask_on_grid(prob, 4, 4, 0.5).sum() == 4
+    assert mask_on_grid(prob, 4, 4, 0.5, letterbox=True).sum() == 4
 
 
 def test_a_spike_in_a_smooth_volume_is_an_outlier() -> None:

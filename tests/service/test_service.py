@@ -95,8 +95,9 @@ def test_nifti_volume_mask_comes_back_on_the_input_grid(
             assert result["input"]["modality"] == "MR"
             assert result["input"]["preprocessing"]["method"] == "percentile"
             size = result["input"]["preprocessing"]["input_size"]  # the effective resolution (issue 20, item 3)
+            assert result["input"]["preprocessing"]["resize"] == "letterbox"  # the aspect kept: one scale for both
             assert result["input"]["preprocessing"]["pixels_per_model_pixel"] == pytest.approx(
-                [30 / size, 40 / size], abs=1e-4
+                [30 / round(30 * size / 40), 40 / size], abs=1e-4
             )
             assert result["mask"]["size"] == [30, 40]
             assert [s["index"] for s in result["mask"]["slices"]] == list(range(6))
