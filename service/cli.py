@@ -376,13 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from service.errors import ServiceError
+    from service.errors import ServiceError, WorkerFailed
 
     try:
         return int(args.func(args))
     except (ServiceError, ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
+    except WorkerFailed as err:  # its supervisor starts a fresh process
+        log.error("%s", err)
+        return 3
 
 
 if __name__ == "__main__":

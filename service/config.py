@@ -65,8 +65,14 @@ class QueueSettings(BaseModel):
     retry_after_s: int = Field(5, ge=1)
     payload_ttl_s: int = Field(3600, ge=10)
     result_ttl_s: int = Field(3600, ge=10)
-    # A job whose stream entry is idle this long is presumed lost with its worker and reclaimed.
-    job_deadline_s: float = Field(300.0, gt=0)
+    # A worker renews the leases of its jobs every worker.heartbeat_s (their stream entries' idle time); an entry
+    # not renewed for this long has lost its worker (killed, partitioned, frozen) and any live worker's janitor
+    # takes it over. Short, so a killed worker's jobs resume within seconds; several heartbeats long, so a busy
+    # worker never loses a job it is still working on.
+    lease_s: float = Field(10.0, gt=0)
+    # The longest a live worker keeps one job: past it the heartbeat stops renewing its lease and another worker
+    # takes it. The job's own timeout (worker.job_timeout_s) normally ends it well before.
+    job_deadline_s: float = Field(900.0, gt=0)
     max_deliveries: int = Field(3, ge=1)  # then the job fails and goes to the dead-letter stream
     max_wait_s: float = Field(300.0, ge=0)  # the longest ?wait= a synchronous request may ask for
     # Per tenant: jobs queued or running at once (None: only max_pending bounds a tenant); tenant_quotas overrides
@@ -79,8 +85,17 @@ class WorkerSettings(BaseModel):
     concurrency: int = Field(8, ge=1, le=1024)  # jobs in flight per worker (their slices share batches)
     decode_threads: int = Field(2, ge=1, le=64)
     max_queue_delay_ms: float = Field(5.0, ge=0, le=10_000)
-    janitor_interval_s: float = Field(15.0, gt=0)
-    heartbeat_s: float = Field(5.0, gt=0)
+    janitor_interval_s: float = Field(2.0, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0)  # well inside queue.lease_s (Settings checks: at most half of it)
+    # A job's timeout: this, plus job_timeout_per_slice_s for each of its slices once they are known, at most
+    # queue.job_deadline_s. Past it the job fails with job_timeout (a server-side failure) and is dead-lettered.
+    job_timeout_s: float = Field(60.0, gt=0)
+    job_timeout_per_slice_s: float = Field(1.0, ge=0)
+    # One engine call (a batch) longer than this is hung: its items fail with engine_hung, its thread is abandoned
+    # and the next batch runs on a fresh one. With max_hung_engine_calls still stuck the worker stops taking jobs,
+    # hands back what it holds and exits non-zero, so its supervisor (Kubernetes) starts a clean process.
+    batch_timeout_s: float = Field(60.0, gt=0)
+    max_hung_engine_calls: int = Field(2, ge=1)
     # SIGTERM: stop taking jobs, finish those in flight for this long, then hand the rest back.
     drain_timeout_s: float = Field(30.0, ge=0)
     # Threshold on the fused probability; the mask is what a caller gets, the probability is not sent.
@@ -287,6 +302,15 @@ class Settings(BaseSettings):
     seg: SegSettings = SegSettings()
     tracing: TracingSettings = TracingSettings()
     auth: AuthSettings = AuthSettings()
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> Settings:
+        if self.worker.heartbeat_s * 2 > self.queue.lease_s:
+            raise ValueError(
+                f"worker.heartbeat_s {self.worker.heartbeat_s} must be at most half of queue.lease_s "
+                f"{self.queue.lease_s}: a busy worker would lose the jobs it is working on"
+            )
+        return self
 
     @model_validator(mode="after")
     def _artifacts_under_cache(self) -> Settings:

@@ -168,13 +168,29 @@ class Unavailable(ServiceError):
 
 
 class DeliveryLimit(ServiceError):
-    """The job was delivered ``max_deliveries`` times and never finished: something in this input kills
-    or hangs workers. Answered as unprocessable input (the other jobs went through), and kept in the
-    dead-letter stream for an operator."""
+    """The job was delivered ``max_deliveries`` times and never finished: it failed the service every time (its
+    message names the last error). The service's failure, not proof that the input is bad, so a 5xx; the other jobs
+    went through, and a copy waits in the dead-letter stream for an operator."""
 
     code = "delivery_limit"
-    http_status = 422
-    grpc_status = "ABORTED"
+    http_status = 500
+    grpc_status = "INTERNAL"
+
+
+class JobTimeout(ServiceError):
+    """The job ran past its timeout (worker.job_timeout_s plus its share per slice) and was stopped; dead-lettered."""
+
+    code = "job_timeout"
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class EngineHung(ServiceError):
+    """An engine call did not return within worker.batch_timeout_s; the job is handed back to be tried again."""
+
+    code = "engine_hung"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
 
 
 class ModelNotFound(ServiceError):
@@ -201,6 +217,11 @@ class Cancelled(ServiceError):
     grpc_status = "CANCELLED"
 
 
+class WorkerFailed(RuntimeError):
+    """Not a caller's error: the worker judged itself broken (hung engine threads) and stopped; its process exits
+    non-zero so that its supervisor starts a fresh one."""
+
+
 ERRORS: tuple[type[ServiceError], ...] = (
     ServiceError,
     Unauthenticated,
@@ -221,6 +242,8 @@ ERRORS: tuple[type[ServiceError], ...] = (
     QueueFull,
     Unavailable,
     DeliveryLimit,
+    JobTimeout,
+    EngineHung,
     ModelNotFound,
     DeadlineExceeded,
     Cancelled,

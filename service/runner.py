@@ -20,6 +20,7 @@ import uvicorn
 from service.auth import Authenticator, check_exposure
 from service.config import Settings
 from service.dimse.receiver import check_exposure as dimse_exposure
+from service.errors import WorkerFailed
 from service.ops import tracing
 from service.ops.metrics import Metrics
 from service.queue import connect
@@ -175,6 +176,8 @@ async def _worker_then(runner: Worker, ops: _Server | None) -> None:
     finally:
         if ops is not None:
             ops.should_exit = True
+    if runner.failed is not None:
+        raise WorkerFailed(f"the worker stopped itself: {runner.failed}")
 
 
 async def _grpc_until(rpc: object, http: _Server | None) -> None:

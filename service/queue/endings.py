@@ -11,7 +11,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from service.config import QueueSettings
-from service.errors import DeliveryLimit, ServiceError
+from service.errors import ServiceError
 from service.queue.admission import RELEASE_SLOT_LUA
 from service.queue.connection import redis_errors
 from service.queue.keys import DEAD_LETTER_MAXLEN, QueueKeys, now
@@ -112,8 +112,9 @@ class Endings:
 
     @redis_errors
     async def fail(self, delivery: Delivery, error: ServiceError) -> None:
-        """Final failure: input errors are not retried. Never overwrites a job that already ended."""
-        await self.finish_failed(delivery, error, dead_letter=isinstance(error, DeliveryLimit))
+        """Final failure: input errors are not retried; the service's own (a timeout, the delivery limit) also go to
+        the dead letters, for an operator. Never overwrites a job that already ended."""
+        await self.finish_failed(delivery, error, dead_letter=error.http_status >= 500)
 
     async def finish_failed(self, delivery: Delivery, error: ServiceError, dead_letter: bool) -> None:
         """Fail the job; with ``dead_letter`` a copy of the failure goes to the dead-letter stream too."""

@@ -158,7 +158,8 @@ class Leases:
 
     @redis_errors
     async def heartbeat(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
-        """Reset the idle time of this consumer's in-flight entries so the janitor leaves them alone.
+        """Renew the leases of this consumer's in-flight entries (their idle time, back to zero) so the janitor
+        leaves them alone for another ``lease_s``.
 
         JUSTID: the delivery counter is not bumped. Entries another consumer has taken over are skipped.
         """
@@ -173,7 +174,7 @@ class Leases:
         if not deliveries:
             return
         keys = self._keys
-        idle_ms = int(self._settings.job_deadline_s * 1000) * 2 + 1000
+        idle_ms = int(self._settings.lease_s * 1000) * 2 + 1000  # past the lease: the next janitor run takes it
         await self._release(
             keys=[keys.stream, *(keys.record_key(d.job_id) for d in deliveries)],
             args=[keys.group, consumer, idle_ms, now(), keys.record_ttl, *(d.entry_id for d in deliveries)],

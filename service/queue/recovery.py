@@ -1,9 +1,10 @@
 """The janitor: taking over entries whose worker is presumed dead, so no job waits forever on a lost worker.
 
 Why: a worker can vanish mid-job (OOM kill, node loss) without acknowledging, and only Redis knows how long its
-entries have sat idle. Entries idle longer than the job deadline are claimed by a live worker; a live worker keeps
-its own long jobs from being claimed with ``heartbeat`` (see leases). A job claimed too often is not run again but
-handed to the dead letters, so one poisonous upload cannot crash workers forever.
+entries have sat idle. A live worker renews its entries every heartbeat (leases: their idle time back to zero), so
+an entry idle longer than the lease (``lease_s``, a few heartbeats) has lost its worker and is claimed by a live
+one within seconds of the kill; no per-job keys, and Redis's own clock decides, not the workers'. A job claimed too
+often is not run again but handed to the dead letters, so one poisonous upload cannot crash workers forever.
 """
 
 from __future__ import annotations
@@ -68,12 +69,12 @@ class Recovery:
 
     @redis_errors
     async def reclaim(self, consumer: str, count: int = 16) -> list[Delivery]:
-        """The janitor: take over entries idle longer than the job deadline (their worker is presumed dead).
+        """The janitor: take over entries whose lease lapsed (idle longer than ``lease_s``: their worker is gone).
 
         A job past ``max_deliveries`` is failed with DeliveryLimit and dead-lettered instead of returned.
         """
         keys = self._keys
-        min_idle_ms = max(1, int(self._settings.job_deadline_s * 1000))
+        min_idle_ms = max(1, int(self._settings.lease_s * 1000))
         claimed = await self._stream.with_group(
             lambda: self._claim(keys=[keys.stream], args=[keys.group, consumer, min_idle_ms, count])
         )

@@ -3,9 +3,14 @@
 Up to ``concurrency`` jobs are in flight at once so their slices fill the batcher's batches. Input
 errors (4xx) fail a job for good; anything else is treated as the worker's problem: the error is noted
 and the entry handed back, so the janitor redelivers it (here or on another worker) until the delivery
-limit sends it to the dead-letter stream. A heartbeat keeps long jobs from being reclaimed while this
-worker lives; SIGTERM stops intake, lets jobs in flight finish for ``drain_timeout_s`` and hands back
-the rest.
+limit sends it to the dead-letter stream. A heartbeat renews the leases of the jobs in flight while this
+worker lives (a killed worker's lapse within ``queue.lease_s`` and another worker takes them); SIGTERM
+stops intake, lets jobs in flight finish for ``drain_timeout_s`` and hands back the rest.
+
+Every job runs under its timeout (``job_timeout_s`` plus a share per slice once the slices are known); past
+it the job fails with job_timeout. An engine call that hangs fails its items (the batcher); with
+``max_hung_engine_calls`` of them stuck this worker stops, hands its jobs back and exits non-zero
+(``failed``), since only a new process gets its threads back.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.config import Settings
-from service.errors import JobNotFound, ServiceError, Unavailable
+from service.errors import JobNotFound, JobTimeout, ServiceError, Unavailable
 from service.ops import tracing
 from service.ops.metrics import Metrics
 from service.outputs import formats as outputs
@@ -36,7 +41,7 @@ from service.queue import Delivery, JobQueue, presence
 from service.schema import SegmentationResult
 from service.worker.batcher import DynamicBatcher
 from service.worker.engine import Engine
-from service.worker.pipeline import Pipeline
+from service.worker.pipeline import Pipeline, Segmentation
 from service.worker.served import LoadedModel, served_as
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,10 @@ class Worker:
         self.lanes: dict[str, Lane] = {}
         for model in loaded:
             batcher = DynamicBatcher(
-                self._batch_runner(model.engine), settings.engine.max_batch_size, settings.worker.max_queue_delay_ms
+                self._batch_runner(model.engine),
+                settings.engine.max_batch_size,
+                settings.worker.max_queue_delay_ms,
+                settings.worker.batch_timeout_s,
             )
             pipeline = Pipeline(model.engine, settings, self.executor, batcher, model.name, model.version)
             self.lanes[model.lane] = Lane(model, self.queue.for_lane(model.lane), batcher, pipeline)
@@ -93,9 +101,11 @@ class Worker:
         if settings.dimse.destination:
             self.forwarders["dimse"] = dimse_forwarder(settings.dimse, self.queue, self.metrics)
         self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
+        self.started: dict[str, float] = {}  # job id -> when this worker took it (monotonic)
         self.stopping = asyncio.Event()  # no new jobs
         self.closed = asyncio.Event()  # jobs drained: background loops end
         self.ready = asyncio.Event()
+        self.failed: str | None = None  # why this worker stopped itself (its process should exit non-zero)
 
     def _batch_runner(self, engine: Engine) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         def run_batch(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -179,12 +189,29 @@ class Worker:
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery), name=f"job-{delivery.job_id}")
         self.in_flight[delivery.job_id] = (delivery, task)
+        self.started[delivery.job_id] = time.monotonic()
         self.metrics.pending_requests.set(len(self.in_flight))
         task.add_done_callback(lambda _: self._finished(delivery.job_id))
 
     def _finished(self, job_id: str) -> None:
         self.in_flight.pop(job_id, None)
+        self.started.pop(job_id, None)
         self.metrics.pending_requests.set(len(self.in_flight))
+
+    def _leased(self) -> list[Delivery]:
+        """The jobs in flight whose leases the heartbeat renews: all but those held past ``job_deadline_s``, which
+        lapse so another worker takes them (a live worker that is stuck on one must not keep it forever)."""
+        oldest = time.monotonic() - self.settings.queue.job_deadline_s
+        return [d for d, _ in self.in_flight.values() if self.started.get(d.job_id, 0.0) > oldest]
+
+    def _check_engines(self) -> None:
+        """Too many engine calls stuck: stop taking jobs and let the process be replaced."""
+        hung = sum(lane.batcher.hung for lane in self.lanes.values())
+        if hung >= self.settings.worker.max_hung_engine_calls and self.failed is None:
+            self.failed = f"{hung} engine call(s) hung past {self.settings.worker.batch_timeout_s:g} s"
+            log.error("worker %s stops: %s; its jobs go back to the queue", self.consumer, self.failed)
+            self.ready.clear()
+            self.stop()
 
     async def _wait_for_slot(self) -> None:
         tasks = [task for _, task in self.in_flight.values()]
@@ -217,8 +244,7 @@ class Worker:
         self.metrics.queue_duration.observe(queued_ms / 1000)
         try:
             files = await self.queue.payload(delivery, self.settings.limits.max_upload_bytes)
-            pipeline = self.lanes[delivery.lane].pipeline
-            segmentation = await pipeline.run(files, delivery.meta.get("modality_hint"), queued_ms=queued_ms)
+            segmentation = await self._segment(delivery, files, queued_ms)
             timings = segmentation.result.timings
             self.metrics.decode_duration.observe(timings.decode_ms / 1000)
             self.metrics.infer_duration.observe(timings.inference_ms / 1000)
@@ -239,6 +265,11 @@ class Worker:
                 await self._drop_outputs_if_deleted(delivery.job_id)
             if stored and forwarder is not None:
                 await self._forward(forwarder, delivery.job_id, segmentation.result, dict(members))
+        except TimeoutError:
+            timeout = JobTimeout(f"the job ran past its timeout and was stopped (delivery {delivery.deliveries})")
+            await self._lane(delivery).fail(delivery, timeout)
+            self.metrics.jobs.labels("timeout").inc()
+            log.warning("job %s stopped at its timeout", delivery.job_id)
         except JobNotFound:
             # Deleted by its owner or expired while queued: there is nobody to answer.
             await self._lane(delivery).fail(delivery, JobNotFound("the job's upload expired before a worker took it"))
@@ -257,6 +288,20 @@ class Worker:
         except Exception as err:  # a bug or a crashing engine: retry elsewhere, dead-letter after the limit
             log.exception("job %s: unexpected error (delivery %d)", delivery.job_id, delivery.deliveries)
             await self._hand_back(delivery, "internal", f"{type(err).__name__}: {err}")
+
+    async def _segment(self, delivery: Delivery, files: list[tuple[str, bytes]], queued_ms: float) -> Segmentation:
+        """The pipeline under the job's timeout: the base at first, the slices' share added once they are known
+        (the first progress report), never past the job deadline. TimeoutError when it passes."""
+        worker = self.settings.worker
+        began = asyncio.get_running_loop().time()
+        cap = self.settings.queue.job_deadline_s
+        async with asyncio.timeout(min(worker.job_timeout_s, cap)) as clock:
+
+            def progress(done: int, total: int) -> None:
+                clock.reschedule(began + min(worker.job_timeout_s + worker.job_timeout_per_slice_s * total, cap))
+
+            pipeline = self.lanes[delivery.lane].pipeline
+            return await pipeline.run(files, delivery.meta.get("modality_hint"), queued_ms=queued_ms, progress=progress)
 
     def _forwarder_for(self, deliver: object) -> Forwarder | None:
         """The sender a job asked for: its meta's ``deliver`` names the way its study came ("dicomweb", "dimse"; True
@@ -298,11 +343,12 @@ class Worker:
                 await asyncio.wait_for(self.closed.wait(), self.settings.worker.heartbeat_s)
             if self.closed.is_set():
                 return
+            self._check_engines()
             try:
                 await presence.announce(
                     self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl
                 )
-                for lane, live in self._by_lane([d for d, _ in self.in_flight.values()]).items():
+                for lane, live in self._by_lane(self._leased()).items():
                     await lane.heartbeat(self.consumer, live)
             except (RedisError, ServiceError, OSError) as err:
                 log.warning("heartbeat failed (%s)", type(err).__name__)

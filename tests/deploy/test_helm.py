@@ -456,7 +456,8 @@ def test_worker_grace_period_outlasts_its_drain_and_a_job(scenario: str) -> None
         sleep = float(pre_stop["exec"]["command"][-1]) if pre_stop else 0.0
         # Jobs drain, then DICOM SEGs still queued for forwarding drain, each for up to the drain timeout.
         assert grace > sleep + 2 * drain + 5, f"grace {grace} s does not cover preStop {sleep} s + 2 x drain {drain} s"
-        assert grace >= deadline, f"grace {grace} s is shorter than the job deadline {deadline} s"
+        lease = float(env["C2P_QUEUE__LEASE_S"] or "nan")
+        assert 0 < lease < deadline, f"lease {lease} s, job deadline {deadline} s"
     env = env_of(pod_spec(workload(rendered(scenario), "worker"))["containers"][0])
     drain = float(env["C2P_WORKER__DRAIN_TIMEOUT_S"] or "nan")
     gateway = workload(rendered(scenario), "gateway")
@@ -466,11 +467,11 @@ def test_worker_grace_period_outlasts_its_drain_and_a_job(scenario: str) -> None
     assert pod_spec(gateway)["terminationGracePeriodSeconds"] > gw_sleep + drain + 10
 
 
-def test_worker_grace_period_default_is_the_documented_360_seconds() -> None:
-    """max(2 x drain 30, deadline 300) + margin 60: the number values.yaml and docs/deploy.md quote."""
-    assert pod_spec(workload(rendered("default"), "worker"))["terminationGracePeriodSeconds"] == 360
-    # drain 120, deadline 600, preStop 5: 600 + 5 + 60.
-    assert pod_spec(workload(rendered("options"), "worker"))["terminationGracePeriodSeconds"] == 665
+def test_worker_grace_period_default_is_the_documented_120_seconds() -> None:
+    """2 x drain 30 + margin 60: the number values.yaml and docs/deploy.md quote."""
+    assert pod_spec(workload(rendered("default"), "worker"))["terminationGracePeriodSeconds"] == 120
+    # drain 120, preStop 5: 240 + 5 + 60.
+    assert pod_spec(workload(rendered("options"), "worker"))["terminationGracePeriodSeconds"] == 305
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -520,7 +521,7 @@ def test_env_is_a_configuration_the_service_accepts(scenario: str, monkeypatch: 
         assert "C2P_REDIS_URL" in env
     assert (gateway["C2P_PORT"], gateway["C2P_GRPC_PORT"]) == ("8000", "8001")
     assert worker["C2P_WORKER__OPS_PORT"] == "8002"
-    for shared in ("C2P_REDIS_URL", "C2P_QUEUE__PREFIX", "C2P_QUEUE__JOB_DEADLINE_S"):
+    for shared in ("C2P_REDIS_URL", "C2P_QUEUE__PREFIX", "C2P_QUEUE__LEASE_S", "C2P_QUEUE__JOB_DEADLINE_S"):
         for doc in worker_deployments(rendered(scenario)):
             other = env_of(pod_spec(doc)["containers"][0])
             assert gateway[shared] == other[shared], f"gateway and {doc['metadata']['name']} disagree on {shared}"

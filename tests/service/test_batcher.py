@@ -81,21 +81,52 @@ def test_items_arriving_during_a_batch_form_the_next_one() -> None:
     assert engine.sizes == [1, 5]
 
 
-def test_an_engine_error_fails_its_batch_only() -> None:
+def test_an_item_that_breaks_its_batch_fails_alone() -> None:
     engine = FakeEngine(fail_on=7)
 
     async def main():
-        batcher = DynamicBatcher(engine, max_batch_size=2, max_queue_delay_ms=1000)
-        bad = await asyncio.gather(
-            batcher.submit(np.array([7.0])), batcher.submit(np.array([1.0])), return_exceptions=True
-        )
+        batcher = DynamicBatcher(engine, max_batch_size=3, max_queue_delay_ms=1000)
+        first = await asyncio.gather(*(batcher.submit(np.array([v])) for v in (1.0, 7.0, 3.0)), return_exceptions=True)
         good = await asyncio.gather(batcher.submit(np.array([2.0])), batcher.submit(np.array([3.0])))
         await batcher.close()
-        return bad, good
+        return first, good
 
-    bad, good = run(main())
-    assert all(isinstance(r, RuntimeError) for r in bad)
+    first, good = run(main())
+    assert isinstance(first[1], RuntimeError)  # the poisonous item
+    assert [first[0]["double"].tolist(), first[2]["double"].tolist()] == [[2.0], [6.0]]  # its batch mates did not
+    assert engine.sizes == [3, 1, 1, 1, 2]  # the batch, then each item alone, then the next batch
     assert [g["double"].tolist() for g in good] == [[4.0], [6.0]]
+
+
+def test_a_hung_engine_call_fails_its_items_and_the_next_batch_runs_on_a_fresh_thread() -> None:
+    release = threading.Event()
+    threads: list[int] = []
+
+    def engine(batch: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.get_ident())
+        if (batch == 9).any():
+            release.wait(10)  # a native call that does not come back (until the test lets it)
+        return {"double": batch * 2}
+
+    async def main():
+        from service.errors import EngineHung
+
+        batcher = DynamicBatcher(engine, max_batch_size=1, max_queue_delay_ms=0, batch_timeout_s=0.2)
+        with pytest.raises(EngineHung, match="batch_timeout_s"):
+            await batcher.submit(np.array([9.0]))
+        assert batcher.hung == 1
+        after = await batcher.submit(np.array([4.0]))  # served while the hung call is still stuck
+        release.set()
+        for _ in range(100):
+            if batcher.hung == 0:
+                break
+            await asyncio.sleep(0.01)
+        await batcher.close()
+        return after, batcher.hung
+
+    after, hung = run(main())
+    assert after["double"].tolist() == [8.0] and hung == 0  # the stuck call came back at last: no longer counted
+    assert threads[0] != threads[1]
 
 
 def test_cancelled_items_are_not_computed() -> None:

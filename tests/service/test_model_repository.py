@@ -269,7 +269,7 @@ def test_a_job_lost_with_its_worker_is_reclaimed_on_its_own_models_stream(
     from service.queue import JobQueue
     from service.queue.keys import lane_of
 
-    queue = queue_settings.model_copy(update={"job_deadline_s": 0.5})
+    queue = queue_settings.model_copy(update={"lease_s": 0.5})
     settings = make_settings(redis_url, queue, exported).model_copy(update={"model_repository": repository})
     models = load_models(settings)
     lane = lane_of(digest(repository / "alpha" / "2"))

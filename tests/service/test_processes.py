@@ -44,7 +44,7 @@ def worker_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
         {
             "C2P_REDIS_URL": redis_url,
             "C2P_QUEUE__PREFIX": prefix,
-            "C2P_QUEUE__JOB_DEADLINE_S": "1.5",
+            "C2P_QUEUE__LEASE_S": "1.5",
             "C2P_WORKER__JANITOR_INTERVAL_S": "0.3",
             "C2P_WORKER__HEARTBEAT_S": "0.3",
             "C2P_ENGINE__WARMUP": "false",
@@ -79,7 +79,7 @@ async def wait_status(queue: JobQueue, job_id: str, wanted: set[str], timeout: f
 
 def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, exported: Path, tmp_path: Path) -> None:
     prefix = f"tkill{uuid.uuid4().hex[:8]}"
-    settings = QueueSettings(prefix=prefix, job_deadline_s=1.5)
+    settings = QueueSettings(prefix=prefix, lease_s=1.5)
     env = worker_env(redis_url, prefix)
 
     async def scenario() -> None:
@@ -107,6 +107,67 @@ def test_a_worker_killed_mid_job_loses_nothing(redis_url: str, exported: Path, t
             stats = await queue.stats()
             assert stats.length == 0 and stats.pending == 0 and stats.dead_letters == 0
         finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_at_default_settings_a_killed_workers_jobs_succeed_within_30_s(
+    redis_url: str, exported: Path, tmp_path: Path
+) -> None:
+    """Issue 21: no shortened deadlines. Two workers, six volume jobs, one worker SIGKILLed while it holds jobs:
+    every job it held succeeds on the other within 30 s of the kill (the lease lapses in 10 s, the janitor looks
+    every 2 s)."""
+    prefix = f"tdef{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in worker_env(redis_url, prefix).items() if "LEASE" not in k and "JANITOR" not in k}
+    env.pop("C2P_WORKER__HEARTBEAT_S")  # the shipped clocks, all of them
+    host = socket.gethostname()
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        queue = JobQueue(client, QueueSettings(prefix=prefix), lane=lane_for(exported))
+        workers = [start_worker(exported, env, tmp_path / f"worker{i}.log") for i in range(2)]
+        try:
+            await queue.ensure_group()
+            for _ in range(600):  # both announced: warm and reading
+                if await client.exists(*(f"{prefix}:worker:{host}-{w.pid}" for w in workers)) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            jobs = [
+                await queue.submit(volume_upload(120), {"format": "nifti", "modality_hint": "MR"}, tenant="t1")
+                for _ in range(6)
+            ]
+
+            async def holders() -> dict[str, str]:
+                out = {}
+                for job in jobs:
+                    consumer = await client.hget(f"{prefix}:job:{job.id}", "consumer")
+                    if consumer is not None and (await queue.get(job.id)).status == "running":
+                        out[job.id] = consumer.decode()
+                return out
+
+            for _ in range(1200):
+                held = await holders()
+                if held:
+                    break
+                await asyncio.sleep(0.01)
+            victim = next(w for w in workers if f"{host}-{w.pid}" in held.values())
+            victim.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            victim.wait(10)
+            lost = [job_id for job_id, consumer in held.items() if consumer == f"{host}-{victim.pid}"]
+            assert lost, "the killed worker held none of the jobs"
+            for job in jobs:
+                left = 30 - (time.monotonic() - killed)
+                assert await wait_status(queue, job.id, {"succeeded", "failed"}, max(left, 0.1)) == "succeeded"
+            resumed = time.monotonic() - killed
+            assert resumed <= 30, f"the killed worker's jobs took {resumed:.1f} s"
+            assert {(await queue.get(job_id)).deliveries for job_id in lost} == {2}
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+                    worker.wait(60)
             await client.aclose()
 
     asyncio.run(scenario())

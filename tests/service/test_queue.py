@@ -262,7 +262,7 @@ async def test_an_expired_upload_fails_the_job(redis_client: aioredis.Redis, que
 async def test_duplicate_delivery_first_result_wins(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=0.2)
+    queue = make_queue(redis_client, queue_settings, lease_s=0.2)
     slow = await submit_and_read(queue, "slow")
     await asyncio.sleep(0.25)
     (again,) = await queue.reclaim("fast")
@@ -278,7 +278,7 @@ async def test_duplicate_delivery_first_result_wins(
 
 
 async def test_reclaim_then_dead_letter(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=0.2, max_deliveries=2)
+    queue = make_queue(redis_client, queue_settings, lease_s=0.2, max_deliveries=2)
     first = await submit_and_read(queue, "w1")
     assert await queue.reclaim("w2") == []  # not idle long enough yet
     await asyncio.sleep(0.25)
@@ -304,7 +304,7 @@ async def test_reclaim_then_dead_letter(redis_client: aioredis.Redis, queue_sett
 async def test_a_dead_letter_without_a_noted_error_says_so(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=0.1, max_deliveries=1)
+    queue = make_queue(redis_client, queue_settings, lease_s=0.1, max_deliveries=1)
     delivery = await submit_and_read(queue)
     await asyncio.sleep(0.15)
     assert await queue.reclaim("w2") == []
@@ -313,7 +313,7 @@ async def test_a_dead_letter_without_a_noted_error_says_so(
 
 
 async def test_heartbeat_keeps_a_live_job(redis_client: aioredis.Redis, queue_settings: QueueSettings) -> None:
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=0.3)
+    queue = make_queue(redis_client, queue_settings, lease_s=0.3)
     delivery = await submit_and_read(queue, "alive")
     for _ in range(4):
         await asyncio.sleep(0.12)
@@ -330,7 +330,7 @@ async def test_heartbeat_keeps_a_live_job(redis_client: aioredis.Redis, queue_se
 async def test_release_makes_a_job_reclaimable_at_once(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=60)
+    queue = make_queue(redis_client, queue_settings, lease_s=60)
     delivery = await submit_and_read(queue, "leaving")
     assert await queue.reclaim("other") == []
     await queue.release("leaving", [delivery])
@@ -349,7 +349,7 @@ async def test_reclaim_cleans_entries_deleted_behind_its_back(
     redis_client: aioredis.Redis, queue_settings: QueueSettings
 ) -> None:
     """An entry XDEL'd while pending: Redis 6.2 returns it as nil without its id, 7 drops it itself."""
-    queue = make_queue(redis_client, queue_settings, job_deadline_s=0.1)
+    queue = make_queue(redis_client, queue_settings, lease_s=0.1)
     delivery = await submit_and_read(queue)
     await redis_client.xdel(queue.stream, delivery.entry_id)
     await asyncio.sleep(0.15)
@@ -438,7 +438,7 @@ async def test_every_way_a_job_ends_gives_its_tenant_slot_back(
 ) -> None:
     """The per-tenant count must not drift: succeeded, failed, dead-lettered, deleted (queued and running), payload
     expired, record expired; and a delete racing a read must not give the slot back twice."""
-    queue = make_queue(redis_client, queue_settings, tenant_max_pending=1, job_deadline_s=0.1, max_deliveries=1)
+    queue = make_queue(redis_client, queue_settings, tenant_max_pending=1, lease_s=0.1, max_deliveries=1)
 
     async def held() -> dict[bytes, bytes]:
         return await redis_client.hgetall(queue.tenants)

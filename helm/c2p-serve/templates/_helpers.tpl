@@ -86,8 +86,7 @@ drain timeout again): the floor is preStop + 2 x drain + 5 s. */}}
 {{- $preStop := $w.preStopSleepSeconds | int }}
 {{- $floor := add $preStop (mul 2 $drain) 5 }}
 {{- if not $w.terminationGracePeriodSeconds }}
-{{- $longest := max (mul 2 $drain) (.Values.queue.jobDeadlineSeconds | int) }}
-{{- add $longest $preStop ($w.terminationMarginSeconds | int) }}
+{{- add (mul 2 $drain) $preStop ($w.terminationMarginSeconds | int) }}
 {{- else if le ($w.terminationGracePeriodSeconds | int) $floor }}
 {{- fail (printf "worker.terminationGracePeriodSeconds (%v) must exceed worker.preStopSleepSeconds + 2 x worker.drainTimeoutSeconds + 5 (%d): Kubernetes would kill draining workers" $w.terminationGracePeriodSeconds $floor) }}
 {{- else }}
@@ -111,6 +110,8 @@ drain timeout again): the floor is preStop + 2 x drain + 5 s. */}}
 {{- end }}
 - name: C2P_QUEUE__PREFIX
   value: {{ .Values.queue.prefix | quote }}
+- name: C2P_QUEUE__LEASE_S
+  value: {{ .Values.queue.leaseSeconds | quote }}
 - name: C2P_QUEUE__JOB_DEADLINE_S
   value: {{ .Values.queue.jobDeadlineSeconds | quote }}
 - name: C2P_WORKER__DRAIN_TIMEOUT_S
