@@ -79,6 +79,16 @@ class QueueSettings(BaseModel):
     # it per tenant name, e.g. C2P_QUEUE__TENANT_QUOTAS='{"radiology": 500}'.
     tenant_max_pending: int | None = Field(None, ge=1)
     tenant_quotas: dict[str, int] = Field(default_factory=dict)
+    # A submit without an Idempotency-Key that repeats one of the same tenant (same files, same options) within this
+    # many seconds answers with the first job: a PACS bridge that retries after a dropped connection must not queue
+    # the study twice. 0: off. With a key, the key decides, for as long as the job's record lives.
+    dedupe_window_s: float = Field(10.0, ge=0)
+    # The bytes jobs may hold in Redis (uploads, kept outputs, results); past it a submit gets 503 storage_full with
+    # Retry-After before anything is stored. 0: 80 % of Redis's maxmemory, or no byte limit when Redis has none.
+    max_bytes: int = Field(0, ge=0)
+    # Submits are refused while Redis's maxmemory-policy could evict job data (anything but noeviction); true
+    # accepts that loss (a warning is logged once).
+    allow_eviction: bool = False
 
 
 class WorkerSettings(BaseModel):

@@ -159,6 +159,19 @@ class QueueFull(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class StorageFull(ServiceError):
+    """Redis holds what it may of jobs (its memory budget, queue.max_bytes or a share of maxmemory): nothing of this
+    upload was stored; retry after a few seconds, as jobs end and free their memory."""
+
+    code = "storage_full"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(ServiceError):
     """Redis does not answer or no worker is ready: a transient state, not the caller's fault."""
 
@@ -240,6 +253,7 @@ ERRORS: tuple[type[ServiceError], ...] = (
     ResultNotReady,
     OutputNotAvailable,
     QueueFull,
+    StorageFull,
     Unavailable,
     DeliveryLimit,
     JobTimeout,

@@ -34,6 +34,7 @@ from service.gateway.rest import API, error_response
 from service.gateway.uploads import BodyLimit
 from service.ops.metrics import Metrics
 from service.queue import JobQueue, connect
+from service.queue.memory import check_eviction
 from service.schema import ErrorInfo
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def create_app(
         app.state.queue = JobQueue(redis_client, settings.queue)
         app.state.models = ModelDirectory.for_settings(redis_client, settings)
         app.state.access = Access(settings, redis_client, authenticator)
+        await check_eviction(redis_client, settings.queue)
         stopping = asyncio.Event()
         stats = asyncio.create_task(_refresh_stats(app.state.queue, app.state.models, metrics, stopping))
         background = [stats]

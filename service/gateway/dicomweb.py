@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from service.auth import Principal
 from service.config import LimitSettings, Settings
 from service.dataplane.assembly import keep_for_assembly
-from service.dataplane.submit import submit_upload
+from service.dataplane.submit import IDEMPOTENCY_HEADER, idempotency_key, submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.gateway.identity import Caller
 from service.gateway.uploads import declared_length
@@ -348,7 +348,8 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
     if settings.dicomweb.assembly_quiet_s > 0 and instances:
         stored = await collect(request, principal, instances, deliver)
         instances = []
-    for members in by_series(instances).values():
+    key = idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+    for series, members in by_series(instances).items():
         # Named by position, not by UID: names reach error messages, and UIDs identify a patient's study.
         files = [(f"instance-{i.index + 1}.dcm", i.data) for i in members]
         try:
@@ -359,6 +360,7 @@ async def store(request: Request, principal: Principal, study: str | None) -> JS
                 settings.limits,
                 None,
                 tenant=principal.tenant,
+                idempotency_key=None if key is None else f"{key}\0{series}",  # one job per series of the study
                 source=API,
                 deliver=deliver,
             )

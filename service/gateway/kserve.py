@@ -190,6 +190,7 @@ async def _infer(request: Request, principal: Principal, model: str, version: st
         model=model,
         version=version,
         trace_parent=request.headers,
+        dedupe=False,  # the call deletes its job when it stops waiting, so no other call may share it
         layout=inference.layout,
     )
     await request.app.state.access.record("infer", principal, API, submitted.id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from service.config import Settings
 from service.dataplane.jobs import failure
 from service.dataplane.jobs import series_uid as check_series_uid
 from service.dataplane.models import ModelDirectory
-from service.dataplane.submit import modality_hint, submit_upload
+from service.dataplane.submit import IDEMPOTENCY_HEADER, idempotency_key, modality_hint, submit_upload
 from service.errors import InvalidRequest, ResultNotReady, ServiceError
 from service.gateway.identity import Caller, error_headers
 from service.gateway.uploads import read_files
@@ -102,12 +102,20 @@ async def submit(
     series_uid: Annotated[
         str | None, Query(max_length=64, description="of an upload holding several DICOM series, the one to segment")
     ] = None,
+    key: Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_HEADER,
+            description="a retry with the same key gets the job the first request made (per tenant, while it lives)",
+        ),
+    ] = None,
 ) -> Any:
     started = time.perf_counter()
     settings: Settings = request.app.state.settings
     if wait is not None and wait > settings.queue.max_wait_s:
         raise InvalidRequest(f"wait may be at most {settings.queue.max_wait_s:g} seconds")
     hint = modality_hint(modality)
+    key = idempotency_key(key)
     name, version = parse_reference(model) if model is not None else (None, None)
     if series_uid is not None:
         check_series_uid(series_uid)
@@ -126,6 +134,7 @@ async def submit(
         version=version,
         series_uid=series_uid,
         trace_parent=request.headers,
+        idempotency_key=key,
     )
     del files
     await access_of(request).record("submit", principal, API, job.id)

@@ -25,7 +25,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from service.access import Access
 from service.auth import Principal
-from service.errors import QueueFull, ResponseTooLarge, ServiceError
+from service.errors import ResponseTooLarge, ServiceError
 from service.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ API = "grpc"
 ERROR_CODE_KEY = "c2p-error-code"
 RETRY_AFTER_KEY = "retry-after"
 JOB_ID_KEY = "c2p-job-id"
+IDEMPOTENCY_METADATA = "idempotency-key"  # Segment, SegmentStream: a retry with the same key gets the first job
 SEGMENTATION_SERVICE = "c2p.v1.Segmentation"
 
 # What the access log's line names: the RPC (set by RpcNames) and the caller's tenant (set by ``caller``). Each call
@@ -61,8 +62,9 @@ def status_code(err: ServiceError) -> grpc.StatusCode:
 
 def error_metadata(err: ServiceError, job_id: str | None = None) -> tuple[tuple[str, str], ...]:
     metadata = [(ERROR_CODE_KEY, err.code)]
-    if isinstance(err, QueueFull):
-        metadata.append((RETRY_AFTER_KEY, str(err.retry_after_s)))
+    retry_after = getattr(err, "retry_after_s", None)
+    if retry_after is not None:
+        metadata.append((RETRY_AFTER_KEY, str(retry_after)))
     if job_id is not None:
         metadata.append((JOB_ID_KEY, job_id))
     return tuple(metadata)

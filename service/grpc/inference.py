@@ -324,6 +324,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 model=request.model_name,
                 version=version,
                 trace_parent=trace_headers(context),
+                dedupe=False,  # the call deletes its job when it stops waiting, so no other call may share it
                 layout=inference.layout,
             )
             await self.access.record("infer", principal, API, submitted.id)

@@ -24,10 +24,19 @@ from service.auth import Principal
 from service.config import GrpcSettings, Settings
 from service.dataplane.jobs import series_uid
 from service.dataplane.models import ModelDirectory
-from service.dataplane.submit import modality_hint, submit_upload
+from service.dataplane.submit import idempotency_key, modality_hint, submit_upload
 from service.errors import ImageTooLarge, InvalidRequest, JobNotFound, PayloadTooLarge, ServiceError, from_code
 from service.grpc import segmentation_pb2, segmentation_pb2_grpc
-from service.grpc.calls import API, JOB_ID_KEY, abort, caller, check_response_size, service_errors, trace_headers
+from service.grpc.calls import (
+    API,
+    IDEMPOTENCY_METADATA,
+    JOB_ID_KEY,
+    abort,
+    caller,
+    check_response_size,
+    service_errors,
+    trace_headers,
+)
 from service.grpc.convert import job_to_proto
 from service.inputs import Upload
 from service.ops.metrics import Metrics
@@ -139,6 +148,7 @@ class SegmentationService(segmentation_pb2_grpc.SegmentationServicer):
             version=version,
             series_uid=None if options.series_uid is None else series_uid(options.series_uid),
             trace_parent=trace_headers(context),
+            idempotency_key=idempotency_key(trace_headers(context).get(IDEMPOTENCY_METADATA)),
         )
         del files
         await self.access.record("submit", principal, API, job.id)

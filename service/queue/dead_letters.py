@@ -43,7 +43,7 @@ class DeadLetters:
             keys=[self._keys.record_key(delivery.job_id)], args=[error_code, message, now(), self._keys.record_ttl]
         )
 
-    async def dead_letter(self, entry_id: str, job_id: str, attempts: int) -> None:
+    async def dead_letter(self, entry_id: str, job_id: str, attempts: int, tenant: str) -> None:
         """Fail the job with DeliveryLimit, naming its last recorded error, and keep a copy in the dead letters."""
         code, message = await self._client.hmget(
             self._keys.record_key(job_id), ["last_error_code", "last_error_message"]
@@ -56,4 +56,5 @@ class DeadLetters:
             f"the job was delivered {attempts} times (the limit is {self._settings.max_deliveries}) "
             f"without finishing; {last}"
         )
-        await self._endings.finish_failed(Delivery(job_id, entry_id, attempts, {}), error, dead_letter=True)
+        delivery = Delivery(job_id, entry_id, attempts, {}, lane=self._keys.lane or "", tenant=tenant)
+        await self._endings.finish_failed(delivery, error, dead_letter=True)

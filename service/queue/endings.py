@@ -19,12 +19,15 @@ from service.queue.leases import Delivery
 from service.queue.stream import ACK_LUA
 
 # Both endings start alike: a job whose record is gone, or that has ended already, only has its entry acknowledged
-# (the first terminal state is final). KEYS[1] stream, KEYS[2] record; ARGV[1] group, ARGV[2] entry id.
+# (the first terminal state is final). A record that expired while its entry still waited leaves its tenant's slot
+# taken (a delete removes entry and slot together): the entry's tenant, the last ARGV, gets it back. KEYS[1]
+# stream, KEYS[2] record, KEYS[5] tenants; ARGV[1] group, ARGV[2] entry id, ARGV[#ARGV] the entry's tenant.
 _ONCE = (
     ACK_LUA
     + RELEASE_SLOT_LUA
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then
+  if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then release_slot(KEYS[5], ARGV[#ARGV]) end
   ack(KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
@@ -37,7 +40,7 @@ end
 )
 
 # KEYS: stream, record, payload, result, tenants. ARGV: group, entry_id, result_json, result_ttl, now, record_ttl,
-# channel. The result is stored before the entry is acknowledged, in one step.
+# channel, tenant. The result is stored before the entry is acknowledged, in one step.
 _COMPLETE = (
     _ONCE
     + """if not redis.call('SET', KEYS[4], ARGV[3], 'NX', 'EX', ARGV[4]) then
@@ -56,7 +59,7 @@ return 1
 )
 
 # KEYS: stream, record, payload, dead, tenants. ARGV: group, entry_id, code, message, now, record_ttl, channel,
-# job_id, deliveries, dead_letter ('1' or '0'), dead_maxlen.
+# job_id, deliveries, dead_letter ('1' or '0'), dead_maxlen, tenant.
 _FAIL = (
     _ONCE
     + """redis.call('HSET', KEYS[2], 'status', 'failed', 'updated_at', ARGV[5], 'error_code', ARGV[3],
@@ -106,6 +109,7 @@ class Endings:
                 now(),
                 keys.record_ttl,
                 keys.channel(job_id),
+                delivery.tenant,
             ],
         )
         return bool(stored)
@@ -133,5 +137,6 @@ class Endings:
                 delivery.deliveries,
                 "1" if dead_letter else "0",
                 DEAD_LETTER_MAXLEN,
+                delivery.tenant,
             ],
         )

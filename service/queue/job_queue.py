@@ -47,8 +47,8 @@ class JobQueue(QueueKeys):
         self.settings = settings
         self._stream = Stream(client, self)
         self._blobs = Blobs(client, settings, self)
-        self._admission = Admission(client, settings, self, self._blobs)
         self._records = Records(client, self)
+        self._admission = Admission(client, settings, self, self._blobs, self._records)
         self._leases = Leases(client, settings, self, self._stream)
         self._endings = Endings(client, settings, self)
         self._dead_letters = DeadLetters(client, settings, self, self._endings)
@@ -72,14 +72,24 @@ class JobQueue(QueueKeys):
         return self._admission.tenant_quota(tenant)
 
     async def submit(
-        self, files: Sequence[tuple[str, bytes]], meta: dict[str, Any], *, tenant: str, lane: str | None = None
+        self,
+        files: Sequence[tuple[str, bytes]],
+        meta: dict[str, Any],
+        *,
+        tenant: str,
+        lane: str | None = None,
+        idempotency_key: str | None = None,
+        dedupe: bool = True,
+        result_bytes: int = 0,
     ) -> Job:
         """Into ``lane``'s stream (the model the job is for); a bound queue's own lane by default."""
         queue = self if lane is None else self.for_lane(lane)
         if not queue._group_made:  # before the first job: an autoscaler reads the group's lag with no worker up
             await queue.ensure_group()
             queue._group_made = True
-        return await queue._admission.submit(files, meta, tenant=tenant)
+        return await queue._admission.submit(
+            files, meta, tenant=tenant, idempotency_key=idempotency_key, dedupe=dedupe, result_bytes=result_bytes
+        )
 
     @redis_errors
     async def index_series(self, tenant: str, series_uid: str, job_id: str) -> None:

@@ -102,5 +102,10 @@ class QueueKeys:
         digest = hashlib.sha256(f"{tenant}\0{series_uid}".encode()).hexdigest()[:32]
         return f"{self._prefix}:series:{digest}"
 
+    def idempotency_key(self, tenant: str, key: str) -> str:
+        """Where a submit's idempotency key (the caller's, or the upload's digest) names the job it made."""
+        digest = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:32]
+        return f"{self._prefix}:idem:{digest}"
+
     def channel(self, job_id: str) -> str:
         return f"{self._prefix}:done:{job_id}"

@@ -29,6 +29,7 @@ class Delivery:
     deliveries: int  # how many times this entry has been delivered, including this one
     meta: dict[str, Any]
     lane: str = ""  # the stream it came from: the model it is for (service.queue.keys)
+    tenant: str = ""  # from the entry, which outlives an expired record
 
 
 # KEYS: stream, record, payload, tenants. ARGV: group, entry_id, consumer, deliveries, now, record_ttl, channel,
@@ -149,7 +150,7 @@ class Leases:
             parsed = json.loads(meta)
         except ValueError:
             parsed = {}
-        return Delivery(job_id=job_id, entry_id=entry_id, deliveries=deliveries, meta=parsed, lane=keys.lane or "")
+        return Delivery(job_id, entry_id, deliveries, parsed, lane=keys.lane or "", tenant=tenant)
 
     @redis_errors
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:

@@ -47,6 +47,10 @@ local status = redis.call('HGET', KEYS[2], 'status')
 if ARGV[3] ~= '' and status ~= ARGV[3] then
   return 2
 end
+-- A caller that stopped waiting does not delete a job a repeated submit also answered with: that one still waits.
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], 'shared') == 1 then
+  return 2
+end
 if status ~= 'succeeded' and status ~= 'failed' then
   release_slot(KEYS[6], tenant)
 end

@@ -87,7 +87,7 @@ class Recovery:
                 await self._stream.drop_entry(entry_id)
                 continue
             if deliveries > self._settings.max_deliveries:
-                await self._dead_letters.dead_letter(entry_id, job_id, deliveries - 1)
+                await self._dead_letters.dead_letter(entry_id, job_id, deliveries - 1, tenant)
                 continue
             delivery = await self._leases.begin(consumer, entry_id, job_id, deliveries, tenant)
             if delivery is not None:

@@ -160,8 +160,8 @@ def test_every_rpc_against_a_worker(redis_url: str, queue_settings: QueueSetting
             assert 0 <= result.reliability.score <= 1 and result.model.engine == "onnx"
             assert job_from_proto(job).result is not None  # what arrives is a valid schema Job
 
-            # unary without waiting, then polling
-            queued = await s.stub.Segment(png_request(), timeout=10)
+            # unary without waiting, then polling (another image: the same one would be a retry, answered with its job)
+            queued = await s.stub.Segment(png_request(image=png_bytes(disc_image(radius=18))), timeout=10)
             assert queued.status in ("queued", "running") and not queued.HasField("result")
             for _ in range(400):
                 polled = await s.stub.GetSegmentation(segmentation_pb2.GetSegmentationRequest(id=queued.id))
@@ -360,7 +360,9 @@ def test_a_caller_that_gives_up_takes_its_queued_job_with_it(
 def test_a_full_queue_answers_resource_exhausted_with_retry_after(
     redis_url: str, tmp_path: Path, exported: Path
 ) -> None:
-    queue = QueueSettings(prefix=f"tgrpc{np.random.default_rng().integers(1 << 30)}", max_pending=1, retry_after_s=7)
+    queue = QueueSettings(  # the same upload on purpose: not a retry here
+        prefix=f"tgrpc{np.random.default_rng().integers(1 << 30)}", max_pending=1, retry_after_s=7, dedupe_window_s=0
+    )
     settings = make_settings(redis_url, queue, exported)  # no worker: the gateway routes by the model's card
 
     async def scenario() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
@@ -52,6 +53,13 @@ def result_json(model_name: str) -> str:
 LANE = "0123456789ab"
 
 
+@pytest.fixture
+def queue_settings() -> QueueSettings:
+    """These tests submit one upload many times on purpose (caps, quotas, endings): the rule that answers a repeat
+    with its first job is off here and has tests of its own below."""
+    return QueueSettings(prefix=f"t{uuid4().hex[:8]}", dedupe_window_s=0)
+
+
 def make_queue(client: aioredis.Redis, settings: QueueSettings, **changes: Any) -> JobQueue:
     return JobQueue(client, settings.model_copy(update=changes), lane=LANE)
 
@@ -75,7 +83,7 @@ async def test_submit_read_complete_get(redis_client: aioredis.Redis, queue_sett
     assert await redis_client.ttl(queue.record_key(job.id)) > queue_settings.payload_ttl_s
 
     (delivery,) = await queue.read("w1", count=4, block_ms=50)
-    assert delivery == Delivery(job.id, delivery.entry_id, 1, META, LANE)
+    assert delivery == Delivery(job.id, delivery.entry_id, 1, META, LANE, "t1")
     running = await queue.get(job.id)
     assert running.status == "running" and running.deliveries == 1
     record = await redis_client.hgetall(queue.record_key(job.id))
@@ -482,3 +490,72 @@ async def test_every_way_a_job_ends_gives_its_tenant_slot_back(
     await redis_client.delete(queue.record_key(expired_record.id))
     assert await queue.read("w1", count=1, block_ms=0) == []  # dropped: the record expired, its entry remained
     assert await held() == {}
+
+
+async def test_an_idempotency_key_makes_a_retried_submit_return_the_first_job(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    queue = make_queue(redis_client, queue_settings)
+    first = await queue.submit(FILES, META, tenant="t1", idempotency_key="study-42")
+    again = await queue.submit(FILES, META, tenant="t1", idempotency_key="study-42")
+    assert again.id == first.id
+    assert await queue.delete_if_queued(first.id) is False  # the first caller gave up: the retry still waits on it
+    other_tenant = await queue.submit(FILES, META, tenant="t2", idempotency_key="study-42")
+    assert other_tenant.id != first.id  # keys are per tenant
+    racing = await asyncio.gather(*(queue.submit(FILES, META, tenant="t1", idempotency_key="k2") for _ in range(20)))
+    assert len({job.id for job in racing}) == 1  # concurrent retries: one job
+    stats = await queue.stats()
+    assert stats.length == 3
+    assert await redis_client.hget(queue.tenants, "t1") == b"2"  # one slot per job, not per request
+
+
+async def test_a_repeat_without_a_key_within_the_window_is_the_same_job_unless_it_failed(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    queue = make_queue(redis_client, queue_settings, dedupe_window_s=0.5)
+    first = await queue.submit(FILES, META, tenant="t1")
+    assert (await queue.submit(FILES, {**META, "submitted_at": "later"}, tenant="t1")).id == first.id
+    assert (await queue.submit(FILES, {**META, "modality_hint": "CT"}, tenant="t1")).id != first.id  # other options
+    assert (await queue.submit(FILES[:1], META, tenant="t1")).id != first.id  # other files
+    await asyncio.sleep(0.6)
+    assert (await queue.submit(FILES, META, tenant="t1")).id != first.id  # past the window: a new job
+    keyed = await queue.submit(FILES, META, tenant="t1", idempotency_key="x")
+    (taken,) = [d for d in await queue.read("w1", 50, block_ms=0) if d.job_id == keyed.id]
+    await queue.fail(taken, InvalidImage("bad"))
+    assert (await queue.submit(FILES, META, tenant="t1", idempotency_key="x")).id != keyed.id  # it failed: anew
+    window = make_queue(redis_client, queue_settings, dedupe_window_s=5)
+    failed_first = await window.submit([("z.png", b"z")], META, tenant="t9")
+    (taken,) = [d for d in await window.read("w9", 50, block_ms=0) if d.job_id == failed_first.id]
+    await window.fail(taken, InvalidImage("bad"))
+    assert (await window.submit([("z.png", b"z")], META, tenant="t9")).id != failed_first.id
+
+
+async def test_a_submit_run_twice_by_a_client_retry_takes_one_slot(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    """redis-py retries a command on a fresh connection when the first one dropped; if the script had run, the
+    second run of it must find its own record, not add a second entry and take a second slot."""
+    from service.queue.admission import _SUBMIT
+
+    queue = make_queue(redis_client, queue_settings)
+    job = await queue.submit(FILES, META, tenant="t1")
+    script = redis_client.register_script(_SUBMIT)
+    keys = [queue.stream, queue.record_key(job.id), queue.payload_key(job.id), queue.tenants, "unused"]
+    args = [100, job.id, "now", "{}", 60, "t1", 0, LANE, 0, queue.record_key("")]
+    again = await script(keys=keys, args=args)
+    assert again == await redis_client.hget(queue.record_key(job.id), "stream_id")
+    assert (await queue.stats()).length == 1
+    assert await redis_client.hget(queue.tenants, "t1") == b"1"
+
+
+async def test_an_expired_record_past_the_delivery_limit_gives_its_slot_back(
+    redis_client: aioredis.Redis, queue_settings: QueueSettings
+) -> None:
+    queue = make_queue(redis_client, queue_settings, lease_s=0.05, max_deliveries=1)
+    delivery = await submit_and_read(queue)
+    assert await redis_client.hget(queue.tenants, "t1") == b"1"
+    await redis_client.delete(queue.record_key(delivery.job_id))  # the record expired while the entry waited
+    await asyncio.sleep(0.1)
+    assert await queue.reclaim("w2") == []  # past the limit: dead-lettered, nothing to run
+    assert await redis_client.hget(queue.tenants, "t1") is None
+    assert (await queue.stats()).length == 0

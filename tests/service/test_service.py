@@ -48,7 +48,8 @@ def test_sync_and_async_lifecycle(redis_url: str, queue_settings: QueueSettings,
             assert 0 <= result["reliability"]["score"] <= 1
             assert result["model"]["engine"] == "onnx" and len(result["model"]["digest"]) == 64
 
-            queued = await http.post("/v1/segmentations", files=upload(("disc.png", image)))
+            # another name: not a retry of the first request, which would be answered with its job (issue 21)
+            queued = await http.post("/v1/segmentations", files=upload(("disc-again.png", image)))
             assert queued.status_code == 202
             location = queued.headers["location"]
             assert location == f"/v1/segmentations/{queued.json()['id']}"
@@ -178,7 +179,9 @@ def test_limits_answer_413(redis_url: str, queue_settings: QueueSettings, export
 
 
 def test_queue_full_answers_429_with_retry_after(redis_url: str, exported: Path) -> None:
-    queue = QueueSettings(prefix=f"t429{np.random.default_rng().integers(1 << 30)}", max_pending=2, retry_after_s=7)
+    queue = QueueSettings(  # the same upload on purpose: not a retry here
+        prefix=f"t429{np.random.default_rng().integers(1 << 30)}", max_pending=2, retry_after_s=7, dedupe_window_s=0
+    )
     settings = make_settings(redis_url, queue, exported)
 
     async def scenario() -> None:
