@@ -302,6 +302,9 @@ def backoff_s(attempt: int, retry_after: str | None) -> float:
 async def submit(run: Run, http: httpx.AsyncClient, sub: Submission) -> None:
     """POST until a job id comes back, retrying 429/503/connection errors; sets job_id or not_accepted."""
     (name, data), content_type = run.inputs[sub.index % len(run.inputs)]
+    # Each submission its own upload (by name); its retries the same one, which the gateway answers with the job
+    # the first attempt made when that attempt's answer was lost (C2P_QUEUE__DEDUPE_WINDOW_S).
+    name = f"{sub.index:05d}-{name}"
     attempt = 0
     while True:
         if run.out_of_time():

@@ -55,6 +55,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_ms: float,
         batch_timeout_s: float | None = None,
+        on_hang: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue_delay_ms >= 0")
@@ -62,6 +63,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_ms / 1000
         self.batch_timeout_s = batch_timeout_s
+        self.on_hang = on_hang  # told at once, before the items fail: the owner judges its health first
         self.hung = 0  # engine calls past the timeout that have not returned yet
         self._executor = self._new_executor()
         self.stats = BatcherStats()
@@ -142,6 +144,8 @@ class DynamicBatcher:
             stuck.shutdown(wait=False)
             log.error("an engine call of %d item(s) passed %g s; its thread is abandoned (%d stuck)",
                       len(stacked), self.batch_timeout_s, self.hung)  # fmt: skip
+            if self.on_hang is not None:
+                self.on_hang()
             raise EngineHung(
                 f"the engine did not answer a batch within {self.batch_timeout_s:g} s (batch_timeout_s)"
             ) from None

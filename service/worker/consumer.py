@@ -88,6 +88,7 @@ class Worker:
                 settings.engine.max_batch_size,
                 settings.worker.max_queue_delay_ms,
                 settings.worker.batch_timeout_s,
+                on_hang=self._check_engines,
             )
             pipeline = Pipeline(model.engine, settings, self.executor, batcher, model.name, model.version)
             self.lanes[model.lane] = Lane(model, self.queue.for_lane(model.lane), batcher, pipeline)
@@ -205,7 +206,8 @@ class Worker:
         return [d for d, _ in self.in_flight.values() if self.started.get(d.job_id, 0.0) > oldest]
 
     def _check_engines(self) -> None:
-        """Too many engine calls stuck: stop taking jobs and let the process be replaced."""
+        """Too many engine calls stuck: stop taking jobs and let the process be replaced. Called by a batcher the
+        moment a call hangs, before its jobs hand themselves back, so no janitor of this worker takes them again."""
         hung = sum(lane.batcher.hung for lane in self.lanes.values())
         if hung >= self.settings.worker.max_hung_engine_calls and self.failed is None:
             self.failed = f"{hung} engine call(s) hung past {self.settings.worker.batch_timeout_s:g} s"
@@ -343,7 +345,6 @@ class Worker:
                 await asyncio.wait_for(self.closed.wait(), self.settings.worker.heartbeat_s)
             if self.closed.is_set():
                 return
-            self._check_engines()
             try:
                 await presence.announce(
                     self.client, self.settings.queue.prefix, self.consumer, self._announcement(), ttl

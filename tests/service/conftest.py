@@ -30,7 +30,10 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def queue_settings() -> QueueSettings:
-    return QueueSettings(prefix=f"t{uuid4().hex[:8]}")
+    """A fresh prefix per test. The rule that answers a repeated upload with its first job (dedupe_window_s) is off:
+    tests send one image many times on purpose (quotas, caps, formats); tests/service/test_retries.py and
+    test_queue.py test the rule itself."""
+    return QueueSettings(prefix=f"t{uuid4().hex[:8]}", dedupe_window_s=0)
 
 
 @pytest.fixture

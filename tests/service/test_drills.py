@@ -122,9 +122,11 @@ def service(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert codes == [0] * len(codes), running.logs_text()  # SIGTERM: every survivor drained and exited cleanly
 
 
-def volume_part(slices: int = SLICES) -> list[tuple[str, tuple[str, bytes, str]]]:
+def volume_part(index: int, slices: int = SLICES) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The ``index``-th upload of a load: its own name, so it is a job of its own (the same upload sent again within
+    the dedupe window would be answered with the first one's job)."""
     ((name, data),) = volume_upload(slices)
-    return [("file", (name, data, "application/octet-stream"))]
+    return [("file", (f"{index}-{name}", data, "application/octet-stream"))]
 
 
 async def wait_ended(queue: JobQueue, job_ids: list[str], timeout_s: float) -> dict[str, str]:
@@ -230,7 +232,7 @@ def test_a_worker_killed_under_load_loses_nothing_and_answers_nothing_twice(serv
         try:
             async with httpx.AsyncClient(base_url=service.base, timeout=30) as http:
                 answers = await asyncio.gather(
-                    *(http.post("/v1/segmentations", files=volume_part()) for _ in range(40))
+                    *(http.post("/v1/segmentations", files=volume_part(i)) for i in range(40))
                 )
             assert [a.status_code for a in answers] == [202] * 40, answers[0].text
             job_ids = [a.json()["id"] for a in answers]
@@ -274,7 +276,7 @@ def test_a_worker_killed_under_load_loses_nothing_and_answers_nothing_twice(serv
 
 async def submit_in_flight(service: Service, http: httpx.AsyncClient, jobs: int) -> list[str]:
     """``jobs`` volumes submitted at once; returns their ids once the first has started (some then run, some wait)."""
-    answers = await asyncio.gather(*(http.post("/v1/segmentations", files=volume_part()) for _ in range(jobs)))
+    answers = await asyncio.gather(*(http.post("/v1/segmentations", files=volume_part(i)) for i in range(jobs)))
     assert [a.status_code for a in answers] == [202] * jobs, [a.text for a in answers if a.status_code != 202]
     job_ids = [a.json()["id"] for a in answers]
     client = aioredis.Redis.from_url(service.redis.url)

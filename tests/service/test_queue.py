@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
-from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
@@ -51,13 +50,6 @@ def result_json(model_name: str) -> str:
 
 # The lane of a model artifact (service.queue.keys): every stream belongs to one.
 LANE = "0123456789ab"
-
-
-@pytest.fixture
-def queue_settings() -> QueueSettings:
-    """These tests submit one upload many times on purpose (caps, quotas, endings): the rule that answers a repeat
-    with its first job is off here and has tests of its own below."""
-    return QueueSettings(prefix=f"t{uuid4().hex[:8]}", dedupe_window_s=0)
 
 
 def make_queue(client: aioredis.Redis, settings: QueueSettings, **changes: Any) -> JobQueue:

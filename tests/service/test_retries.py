@@ -17,7 +17,8 @@ from tests.service.test_service import upload
 def test_rest_and_stow_rs_retries_get_the_first_job(
     redis_url: str, queue_settings: QueueSettings, exported: Path
 ) -> None:
-    settings = make_settings(redis_url, queue_settings, exported)  # no worker: jobs stay queued
+    queue = queue_settings.model_copy(update={"dedupe_window_s": 10.0})  # the shipped rule
+    settings = make_settings(redis_url, queue, exported)  # no worker: jobs stay queued
 
     async def scenario() -> None:
         async with running(settings, None) as (http, _):
