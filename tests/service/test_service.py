@@ -48,8 +48,7 @@ def test_sync_and_async_lifecycle(redis_url: str, queue_settings: QueueSettings,
             assert 0 <= result["reliability"]["score"] <= 1
             assert result["model"]["engine"] == "onnx" and len(result["model"]["digest"]) == 64
 
-            # another name: not a retry of the first request, which would be answered with its job (issue 21)
-            queued = await http.post("/v1/segmentations", files=upload(("disc-again.png", image)))
+            queued = await http.post("/v1/segmentations", files=upload(("disc.png", image)))
             assert queued.status_code == 202
             location = queued.headers["location"]
             assert location == f"/v1/segmentations/{queued.json()['id']}"
