@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,8 +25,8 @@ from service.queue.keys import QueueKeys, new_job_id, now
 from service.queue.memory import budget_for
 from service.schema import Job
 
-if TYPE_CHECKING:  # records.py imports this module for RELEASE_SLOT_LUA
-    from service.queue.records import Records
+# How admission reads the job a repeat names (Records.get; records.py imports this module for RELEASE_SLOT_LUA).
+Lookup = Callable[..., Awaitable[Job]]
 
 # Prepended (after ``ACK_LUA``) to every script that ends a job queued or running: gives its tenant's slot back.
 RELEASE_SLOT_LUA = """local function release_slot(tenants, tenant)
@@ -109,13 +109,13 @@ def upload_digest(files: Sequence[tuple[str, bytes]], meta: dict[str, Any]) -> s
 
 class Admission:
     def __init__(
-        self, client: aioredis.Redis, settings: QueueSettings, keys: QueueKeys, blobs: Blobs, records: Records
+        self, client: aioredis.Redis, settings: QueueSettings, keys: QueueKeys, blobs: Blobs, lookup: Lookup
     ) -> None:
         self._client = client
         self._settings = settings
         self._keys = keys
         self._blobs = blobs
-        self._records = records
+        self._lookup = lookup
         self._budget = budget_for(client, settings)
         self._submit = client.register_script(_SUBMIT)
         self._repeat = client.register_script(_REPEAT)
@@ -206,7 +206,7 @@ class Admission:
         if not job_id:
             return None
         try:
-            job = await self._records.get(job_id, tenant=tenant)
+            job = await self._lookup(job_id, tenant=tenant)
         except JobNotFound:
             return None
         return None if job.status == "failed" else job

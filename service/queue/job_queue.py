@@ -48,7 +48,7 @@ class JobQueue(QueueKeys):
         self._stream = Stream(client, self)
         self._blobs = Blobs(client, settings, self)
         self._records = Records(client, self)
-        self._admission = Admission(client, settings, self, self._blobs, self._records)
+        self._admission = Admission(client, settings, self, self._blobs, self._records.get)
         self._leases = Leases(client, settings, self, self._stream)
         self._endings = Endings(client, settings, self)
         self._dead_letters = DeadLetters(client, settings, self, self._endings)

@@ -56,6 +56,11 @@ def test_a_4d_series_is_refused() -> None:
     assert "6 slices at 3 positions (2 per position)" in message
 
 
+def test_a_duplicate_position_is_refused() -> None:
+    message = refused(series([0.0, 2.5, 2.5, 5.0]), "4 slices at 3 positions")
+    assert "some positions repeated" in message
+
+
 def test_a_missing_slice_is_refused_with_where_it_is() -> None:
     message = refused(series([0.0, 2.5, 5.0, 10.0, 12.5]), "missing 1 slice:")
     assert "a 5.00 mm gap between slices 3 and 4 of 5" in message and "steps 2.50 mm" in message
