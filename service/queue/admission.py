@@ -143,13 +143,7 @@ class Admission:
         Admitted by bytes too (service/queue/memory.py): the upload plus ``result_bytes`` (what its result and kept
         outputs will take) must fit Redis's budget, else StorageFull before anything is stored."""
         settings, keys = self._settings, self._keys
-        if idempotency_key is not None:
-            same, same_ttl_ms = keys.idempotency_key(tenant, f"key:{idempotency_key}"), keys.record_ttl * 1000
-        elif dedupe and settings.dedupe_window_s > 0:
-            digest = await asyncio.to_thread(upload_digest, files, meta)
-            same, same_ttl_ms = keys.idempotency_key(tenant, f"upload:{digest}"), int(settings.dedupe_window_s * 1000)
-        else:
-            same, same_ttl_ms = keys.idempotency_key(tenant, "none"), 0
+        same, same_ttl_ms = await self._repeat_key(files, meta, tenant, idempotency_key, dedupe)
         quota = self.tenant_quota(tenant)
         retry, after = f"retry in {settings.retry_after_s} s", settings.retry_after_s
         full = QueueFull(f"the queue holds its maximum of {settings.max_pending} jobs; {retry}", after)
@@ -200,6 +194,23 @@ class Admission:
             raise over_quota
         created = datetime.fromisoformat(stamp)
         return Job(id=job_id, status="queued", created_at=created, updated_at=created, deliveries=0)
+
+    async def _repeat_key(
+        self,
+        files: Sequence[tuple[str, bytes]],
+        meta: dict[str, Any],
+        tenant: str,
+        idempotency_key: str | None,
+        dedupe: bool,
+    ) -> tuple[str, int]:
+        """The key naming the job a repeat of this submit gets, and how long it names it (ms; 0: never set)."""
+        keys, window_s = self._keys, self._settings.dedupe_window_s
+        if idempotency_key is not None:
+            return keys.idempotency_key(tenant, f"key:{idempotency_key}"), keys.record_ttl * 1000
+        if dedupe and window_s > 0:
+            digest = await asyncio.to_thread(upload_digest, files, meta)
+            return keys.idempotency_key(tenant, f"upload:{digest}"), int(window_s * 1000)
+        return keys.idempotency_key(tenant, "never-set"), 0
 
     async def _existing(self, job_id: str | None, tenant: str) -> Job | None:
         """The job a repeated submit names, while it lives and has not failed."""
