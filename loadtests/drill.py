@@ -23,8 +23,10 @@ by error code; ``not_accepted`` by last reason; ``lost``: accepted but not ended
 target 0; ``duplicated``: jobs whose ending changed between two reads (another status, another result) or that
 Redis announced as ended more than once, target 0; ``redelivered``: jobs a second worker ran after a kill or a
 restart, expected; ``orphaned``: jobs in Redis no client was told about, from a submission whose answer was lost),
-``retries``, ``latency_ms`` (first attempt to the end seen, succeeded jobs), ``chaos`` (each event with seconds
-since the load began), ``exited`` (service processes that died without being killed: target none) and the
+``retries``, ``latency_ms`` (first attempt to the end seen, succeeded jobs), ``kill_resumed_s`` (per kill, seconds
+until every job the killed worker held ran on another worker or ended; target <= 30 at the shipped clocks, which
+the drill runs with unless ``--lease-s`` shortens them), ``chaos`` (each event with seconds since the load began),
+``exited`` (service processes that died without being killed: target none) and the
 parameters. Exit status 0, or 1 when anything was lost, duplicated, or a service process died on its own.
 """
 
@@ -279,6 +281,8 @@ class Run:
     turns: list[int] = field(default_factory=list)
     begun: list[asyncio.Event] = field(default_factory=list)
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Per kill: seconds until every job the killed worker held ran again on another worker (or ended); None: never.
+    resumptions: list[asyncio.Task] = field(default_factory=list)
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -449,6 +453,54 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def held_jobs(redis_url: str, prefix: str, consumer: str) -> list[str]:
+    """The job ids of the entries ``consumer`` holds (delivered, not acknowledged) in every model's stream."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    jobs: list[str] = []
+    try:
+        async for stream in client.scan_iter(match=f"{prefix}:jobs:*", count=100):
+            held = await client.xpending_range(stream, f"{prefix}:workers", "-", "+", 1000, consumername=consumer)
+            for entry in held:
+                for _, fields in await client.xrange(stream, entry["message_id"], entry["message_id"]):
+                    if b"job_id" in fields:
+                        jobs.append(_text(fields[b"job_id"]))
+    except (RedisError, OSError):
+        pass
+    finally:
+        await client.aclose()
+    return jobs
+
+
+async def resumed_after(
+    redis_url: str, prefix: str, jobs: list[str], gone: str, since: float, limit_s: float
+) -> float | None:
+    """Seconds from ``since`` (the kill) until each of ``jobs`` runs on another worker than ``gone`` or has ended;
+    None when some had not within ``limit_s``. Redis restarts in between are waited out."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    waiting = set(jobs)
+    try:
+        while waiting and time.monotonic() - since < limit_s:
+            for job in list(waiting):
+                try:
+                    status, consumer = await client.hmget(f"{prefix}:job:{job}", ["status", "consumer"])
+                except (RedisError, OSError):
+                    break
+                ended = status is None or _text(status) in TERMINAL
+                elsewhere = status is not None and _text(status) == "running" and consumer and _text(consumer) != gone
+                if ended or elsewhere:
+                    waiting.discard(job)
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+    return None if waiting else round(time.monotonic() - since, 2)
+
+
 async def chaos(run: Run, fleet: Fleet, redis: DurableRedis, kinds: list[str], events: list[dict[str, Any]]) -> None:
     args = run.args
     for kind, turn, begun in zip(kinds, run.turns, run.begun, strict=True):
@@ -462,7 +514,11 @@ async def chaos(run: Run, fleet: Fleet, redis: DurableRedis, kinds: list[str], e
                 begun.set()
                 continue
             victim = max(live, key=lambda w: pending.get(consumer_of(w), 0))
+            held = await held_jobs(redis.url, args.prefix, consumer_of(victim))
             victim.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            resumed = resumed_after(redis.url, args.prefix, held, consumer_of(victim), killed_at, args.deadline_s)
+            run.resumptions.append(asyncio.create_task(resumed))
             await asyncio.to_thread(victim.wait)
             fleet.workers.remove(victim)
             fleet.killed.append(victim)
@@ -570,6 +626,7 @@ async def drill(args: argparse.Namespace, fleet: Fleet, redis: DurableRedis) -> 
         await chaos_task  # every event has begun; a restart still under way completes here
         ended = [s for s in run.submissions if s.status in TERMINAL]
         changed, redelivered = await recheck(run, http, ended)
+        resumed = list(await asyncio.gather(*run.resumptions))
     await asyncio.sleep(1.0)  # the last endings' messages
     stop_counting.set()
     await counter
@@ -605,6 +662,9 @@ async def drill(args: argparse.Namespace, fleet: Fleet, redis: DurableRedis) -> 
             "p99": percentile(latencies, 99),
             "max": percentile(latencies, 100),
         },
+        # per kill, seconds until every job the killed worker held ran on another worker (None: some never did)
+        "kill_resumed_s": resumed,
+        "kills_resumed_within_30_s": all(r is not None and r <= 30 for r in resumed),
         "load_s": load_s,
         "jobs_per_s": round(len(ended) / load_s, 2) if load_s else None,
         "chaos": events,
@@ -625,7 +685,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--restart-delay-s", type=float, default=0.5, help="a killed worker's replacement starts")
     parser.add_argument("--model", default=None, help="variant, checkpoint or export folder (default: shipped)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per worker")
-    parser.add_argument("--job-deadline-s", type=float, default=5.0, help="C2P_QUEUE__JOB_DEADLINE_S (default 5)")
+    parser.add_argument(
+        "--lease-s",
+        type=float,
+        default=None,
+        help="C2P_QUEUE__LEASE_S, heartbeat and janitor a fifth of it (default: "
+        "the shipped clocks, lease 10 s, heartbeat and janitor 2 s)",
+    )
     parser.add_argument("--appendfsync", default="everysec", choices=["always", "everysec"])
     parser.add_argument("--deadline-s", type=float, default=600.0, help="the load's time limit: then lost = unended")
     parser.add_argument("--seed", type=int, default=0)
@@ -646,14 +712,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="c2p-drill-") as tmp:
         logs = Path(tmp)
         redis = DurableRedis(logs / "redis", fsync=args.appendfsync)
-        heartbeat_s = str(min(1.0, args.job_deadline_s / 5))
+        clocks = {}
+        if args.lease_s is not None:  # shorter than shipped, for a quick run; the drill's figures are the shipped ones
+            beat = str(args.lease_s / 5)
+            clocks = {"C2P_QUEUE__LEASE_S": str(args.lease_s), "C2P_WORKER__JANITOR_INTERVAL_S": beat,
+                      "C2P_WORKER__HEARTBEAT_S": beat}  # fmt: skip
         env = service_env(
             redis.url,
             C2P_ENGINE__INTRA_OP_THREADS=str(args.threads),
-            C2P_QUEUE__JOB_DEADLINE_S=str(args.job_deadline_s),
-            C2P_WORKER__JANITOR_INTERVAL_S=heartbeat_s,
-            C2P_WORKER__HEARTBEAT_S=heartbeat_s,
             C2P_WORKER__OPS_PORT="0",  # several workers on one machine
+            **clocks,
         )
         model = export_folder(args.model, env)
         fleet = Fleet(model, env, logs, f"http://127.0.0.1:{free_port()}", free_port())
@@ -679,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs, "clients": args.clients, "workers": args.workers, "worker_kills": args.worker_kills,
         "redis_restarts": args.redis_restarts, "redis_down_s": args.redis_down_s, "model": model,
         "variant": json.loads((Path(model) / "card.json").read_text()).get("variant"), "threads": args.threads,
-        "job_deadline_s": args.job_deadline_s, "appendfsync": args.appendfsync, "deadline_s": args.deadline_s,
+        "lease_s": args.lease_s, "appendfsync": args.appendfsync, "deadline_s": args.deadline_s,
     }  # fmt: skip
     report["startup_s"] = ready_s
     report["total_s"] = round(time.monotonic() - began, 1)

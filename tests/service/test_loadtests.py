@@ -191,7 +191,7 @@ def test_the_chaos_drill_loses_nothing_and_answers_nothing_twice(exported: Path,
     report = tmp_path / "drill.json"
     command = [
         *(sys.executable, "loadtests/drill.py", "--model", str(exported), "--jobs", "20", "--clients", "4"),
-        *("--worker-kills", "1", "--redis-restarts", "1", "--redis-down-s", "1", "--job-deadline-s", "2"),
+        *("--worker-kills", "1", "--redis-restarts", "1", "--redis-down-s", "1", "--lease-s", "2"),
         *("--deadline-s", "90", "--json", str(report)),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -209,3 +209,5 @@ def test_the_chaos_drill_loses_nothing_and_answers_nothing_twice(exported: Path,
     assert set(drilled["retries"]) == {"submit", "submit_by_reason", "poll", "poll_by_reason"}
     assert 0 < drilled["latency_ms"]["p50"] <= drilled["latency_ms"]["p99"]
     assert drilled["parameters"]["variant"] == "c2p-test-64" and drilled["parameters"]["worker_kills"] == 1
+    (resumed,) = drilled["kill_resumed_s"]  # the killed worker's jobs ran again on the other one
+    assert resumed is not None and drilled["kills_resumed_within_30_s"], drilled["kill_resumed_s"]
