@@ -146,30 +146,30 @@ class OutputNotAvailable(ServiceError):
     grpc_status = "NOT_FOUND"
 
 
-class QueueFull(ServiceError):
-    """Back-pressure: the queue (or the caller's tenant's share of it) holds its maximum of pending jobs; retry
-    after a few seconds."""
-
-    code = "queue_full"
-    http_status = 429
-    grpc_status = "RESOURCE_EXHAUSTED"
+class RetryLater(ServiceError):
+    """Back-pressure: a refusal that carries when to try again (REST's Retry-After, gRPC's retry-after metadata)."""
 
     def __init__(self, message: str, retry_after_s: int = 5) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
-class StorageFull(ServiceError):
+class QueueFull(RetryLater):
+    """The queue (or the caller's tenant's share of it) holds its maximum of pending jobs; retry after a few
+    seconds."""
+
+    code = "queue_full"
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class StorageFull(RetryLater):
     """Redis holds what it may of jobs (its memory budget, queue.max_bytes or a share of maxmemory): nothing of this
     upload was stored; retry after a few seconds, as jobs end and free their memory."""
 
     code = "storage_full"
     http_status = 503
     grpc_status = "UNAVAILABLE"
-
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class Unavailable(ServiceError):

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.auth import Principal
-from service.errors import ServiceError, Unauthenticated
+from service.errors import RetryLater, ServiceError, Unauthenticated
 
 WWW_AUTHENTICATE = 'Bearer realm="c2p-serve"'
 # Route prefixes -> the API name the metrics and the audit log use.
@@ -27,9 +27,8 @@ def error_headers(err: ServiceError) -> dict[str, str]:
     """What every HTTP error answer carries whatever its body's shape (/v1's or the v2 protocol's): when to retry,
     and how to authenticate."""
     headers = {}
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
+    if isinstance(err, RetryLater):
+        headers["Retry-After"] = str(err.retry_after_s)
     if isinstance(err, Unauthenticated):
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return headers

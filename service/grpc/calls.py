@@ -25,7 +25,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from service.access import Access
 from service.auth import Principal
-from service.errors import ResponseTooLarge, ServiceError
+from service.errors import ResponseTooLarge, RetryLater, ServiceError
 from service.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,8 @@ def status_code(err: ServiceError) -> grpc.StatusCode:
 
 def error_metadata(err: ServiceError, job_id: str | None = None) -> tuple[tuple[str, str], ...]:
     metadata = [(ERROR_CODE_KEY, err.code)]
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None:
-        metadata.append((RETRY_AFTER_KEY, str(retry_after)))
+    if isinstance(err, RetryLater):
+        metadata.append((RETRY_AFTER_KEY, str(err.retry_after_s)))
     if job_id is not None:
         metadata.append((JOB_ID_KEY, job_id))
     return tuple(metadata)

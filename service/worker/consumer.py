@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -49,6 +50,14 @@ log = logging.getLogger(__name__)
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Held(NamedTuple):
+    """A job this worker is running: its delivery, its task, and when the worker took it (monotonic)."""
+
+    delivery: Delivery
+    task: asyncio.Task
+    since: float
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,7 @@ class Worker:
             self.forwarders["dicomweb"] = Forwarder.dicomweb(settings.dicomweb, self.queue, self.metrics)
         if settings.dimse.destination:
             self.forwarders["dimse"] = dimse_forwarder(settings.dimse, self.queue, self.metrics)
-        self.in_flight: dict[str, tuple[Delivery, asyncio.Task]] = {}
-        self.started: dict[str, float] = {}  # job id -> when this worker took it (monotonic)
+        self.in_flight: dict[str, Held] = {}
         self.stopping = asyncio.Event()  # no new jobs
         self.closed = asyncio.Event()  # jobs drained: background loops end
         self.ready = asyncio.Event()
@@ -189,21 +197,19 @@ class Worker:
 
     def _start(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery), name=f"job-{delivery.job_id}")
-        self.in_flight[delivery.job_id] = (delivery, task)
-        self.started[delivery.job_id] = time.monotonic()
+        self.in_flight[delivery.job_id] = Held(delivery, task, time.monotonic())
         self.metrics.pending_requests.set(len(self.in_flight))
         task.add_done_callback(lambda _: self._finished(delivery.job_id))
 
     def _finished(self, job_id: str) -> None:
         self.in_flight.pop(job_id, None)
-        self.started.pop(job_id, None)
         self.metrics.pending_requests.set(len(self.in_flight))
 
     def _leased(self) -> list[Delivery]:
         """The jobs in flight whose leases the heartbeat renews: all but those held past ``job_deadline_s``, which
         lapse so another worker takes them (a live worker that is stuck on one must not keep it forever)."""
         oldest = time.monotonic() - self.settings.queue.job_deadline_s
-        return [d for d, _ in self.in_flight.values() if self.started.get(d.job_id, 0.0) > oldest]
+        return [held.delivery for held in self.in_flight.values() if held.since > oldest]
 
     def _check_engines(self) -> None:
         """Too many engine calls stuck: stop taking jobs and let the process be replaced. Called by a batcher the
@@ -216,7 +222,7 @@ class Worker:
             self.stop()
 
     async def _wait_for_slot(self) -> None:
-        tasks = [task for _, task in self.in_flight.values()]
+        tasks = [held.task for held in self.in_flight.values()]
         stop = asyncio.create_task(self.stopping.wait())
         try:
             await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -379,11 +385,11 @@ class Worker:
         if not self.in_flight:
             return
         log.info("draining %d job(s) for up to %.0f s", len(self.in_flight), self.settings.worker.drain_timeout_s)
-        tasks = [task for _, task in self.in_flight.values()]
+        tasks = [held.task for held in self.in_flight.values()]
         _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.drain_timeout_s)
         if not pending:
             return
-        unfinished = [d for d, task in self.in_flight.values() if task in pending]
+        unfinished = [held.delivery for held in self.in_flight.values() if held.task in pending]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
