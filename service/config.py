@@ -40,6 +40,9 @@ class LimitSettings(BaseModel):
     """Checked against headers before a single pixel is decoded, so no upload can exhaust memory."""
 
     max_upload_bytes: int = Field(1024 * MIB, ge=1)  # one request, all files together
+    # Uploads a gateway reads at once (REST, STOW-RS, Open Inference REST); more get 503 with Retry-After. Each
+    # costs a few MiB of memory and up to its size of spool disk (TMPDIR) while it is read and queued.
+    max_concurrent_uploads: int = Field(64, ge=1)
     max_files: int = Field(2000, ge=1)  # files in one series (multipart parts or zip members)
     max_pixels_per_slice: int = Field(8192 * 8192, ge=1)  # rows x columns
     max_slices: int = Field(4096, ge=1)  # frames x files, or NIfTI z
@@ -93,6 +96,9 @@ class QueueSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     concurrency: int = Field(8, ge=1, le=1024)  # jobs in flight per worker (their slices share batches)
+    # The worker takes one job at a time, and a new one only while the jobs it holds have fewer slices than this
+    # (their decoded pixels and tensors are what a worker's memory holds); a job larger than it runs alone.
+    max_slices_in_flight: int = Field(512, ge=1)
     decode_threads: int = Field(2, ge=1, le=64)
     max_queue_delay_ms: float = Field(5.0, ge=0, le=10_000)
     janitor_interval_s: float = Field(2.0, gt=0)

@@ -172,6 +172,15 @@ class StorageFull(RetryLater):
     grpc_status = "UNAVAILABLE"
 
 
+class UploadsBusy(RetryLater):
+    """The gateway is reading as many uploads as it may at once (limits.max_concurrent_uploads); nothing of this one
+    was read; retry after a few seconds, or send it to another gateway replica."""
+
+    code = "uploads_busy"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
 class Unavailable(ServiceError):
     """Redis does not answer or no worker is ready: a transient state, not the caller's fault."""
 

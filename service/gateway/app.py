@@ -85,7 +85,12 @@ def create_app(
         summary="Prompt-free universal medical image segmentation (C2P): masks with reliability.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_upload_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.limits.max_upload_bytes,
+        max_concurrent=settings.limits.max_concurrent_uploads,
+        retry_after_s=settings.queue.retry_after_s,
+    )
     app.add_middleware(RejectedLog)  # added last: outside BodyLimit, so it sees every answer
     app.state.settings = settings
     app.state.metrics = metrics

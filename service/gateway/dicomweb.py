@@ -11,13 +11,13 @@ the segmentation can be fetched, as JSON, DICOM SEG, NIfTI or PNG.
 With ``dicomweb.destination_url`` set, each job also asks its worker to send the finished DICOM SEG back to that
 DICOMweb server (service.delivery), which is how the result reaches the PACS the study came from.
 
-The body is parsed as it streams (python-multipart) with the upload limits applied to the whole request, and no
-part's preamble or meta header is trusted: each part is read by pydicom as untrusted bytes, headers only.
+The body is parsed as it streams (python-multipart) with the upload limits applied to the whole request, each part
+spooled to a temporary file past 1 MiB (as the REST upload's parts are: service/gateway/uploads.py), and no part's
+preamble or meta header is trusted: each part is read by pydicom as untrusted bytes, headers only.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,19 +26,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal
-from service.config import LimitSettings, Settings
+from service.config import Settings
 from service.dataplane.assembly import keep_for_assembly
 from service.dataplane.submit import IDEMPOTENCY_HEADER, idempotency_key, submit_upload
-from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import InvalidRequest, ServiceError, UnsupportedMediaType
+from service.gateway import multipart
 from service.gateway.identity import Caller
+from service.gateway.multipart import Part
 from service.gateway.uploads import declared_length
 from service.inputs.dicom.headers import holds_image
 from service.inputs.sniff import quiet
+from service.inputs.spool import Data, opener, whole
 from service.ops.metrics import Metrics
 from service.queue import JobQueue
 from service.schema import ErrorInfo
@@ -121,16 +123,6 @@ STOW_BODY = {
 router = APIRouter(tags=["DICOMweb"], default_response_class=Response, responses=STOW_RESPONSES)
 
 
-@dataclass
-class Part:
-    headers: dict[str, str] = field(default_factory=dict)
-    chunks: list[bytes] = field(default_factory=list)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
-
-
 @dataclass(frozen=True)
 class Instance:
     """One part that parsed as DICOM: the identifiers STOW-RS answers with and groups by."""
@@ -140,7 +132,7 @@ class Instance:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
-    data: bytes = field(repr=False)
+    data: Data = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -166,65 +158,7 @@ def boundary_of(content_type: str) -> bytes:
     kind = options.get(b"type", b"").decode("latin-1").strip('"').lower()
     if kind and kind != MEDIA_DICOM:
         raise UnsupportedMediaType(f"only {MEDIA_DICOM} parts are accepted (type={kind!r}); no metadata+bulk data")
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise InvalidRequest("the multipart/related Content-Type has no boundary")
-    return boundary.strip(b'"')
-
-
-async def read_parts(request: Request, limits: LimitSettings) -> list[Part]:
-    """The parts of the streamed body, with the byte and file limits applied while it arrives."""
-    declared_length(request, limits.max_upload_bytes)
-    boundary = boundary_of(request.headers.get("content-type", ""))
-    parts: list[Part] = []
-    header_field = bytearray()
-    header_value = bytearray()
-    received = 0
-
-    def begin() -> None:
-        if len(parts) >= limits.max_files:
-            raise ImageTooLarge(
-                f"more than {limits.max_files} instances in one request; the limit is {limits.max_files}"
-            )
-        parts.append(Part())
-
-    def data(buffer: bytes, start: int, end: int) -> None:
-        parts[-1].chunks.append(bytes(buffer[start:end]))
-
-    def field_(buffer: bytes, start: int, end: int) -> None:
-        header_field.extend(buffer[start:end])
-
-    def value(buffer: bytes, start: int, end: int) -> None:
-        header_value.extend(buffer[start:end])
-
-    def header_end() -> None:
-        parts[-1].headers[header_field.decode("latin-1").lower()] = header_value.decode("latin-1").strip()
-        header_field.clear()
-        header_value.clear()
-
-    try:
-        # The constructor checks the boundary too (longer than python-multipart takes: a 400, not a 500)
-        parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": begin,
-                "on_part_data": data,
-                "on_header_field": field_,
-                "on_header_value": value,
-                "on_header_end": header_end,
-            },
-        )
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limits.max_upload_bytes:
-                raise PayloadTooLarge(f"upload exceeds the limit of {limits.max_upload_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError as exc:
-        raise InvalidRequest(f"the multipart/related body is malformed: {exc}") from exc
-    if not parts:
-        raise InvalidRequest("the request holds no DICOM parts")
-    return parts
+    return multipart.boundary_of(content_type, "multipart/related")
 
 
 def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], list[Instance], list[Failure]]:
@@ -242,7 +176,7 @@ def identify(parts: Sequence[Part], study: str | None) -> tuple[list[Instance], 
         data = part.data
         try:
             with quiet():
-                ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+                ds = dcmread(opener(data), stop_before_pixels=True)
             uids = [
                 str(ds.get(k, "") or "")
                 for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -325,7 +259,7 @@ async def collect(
     queue: JobQueue = request.app.state.queue
     stored: list[tuple[Instance, str]] = []
     for series_uid, members in by_series(instances).items():
-        given = [(i.sop_instance_uid, i.data) for i in members]
+        given = [(i.sop_instance_uid, whole(i.data)) for i in members]  # kept in Redis as they are, one by one
         jobs = await keep_for_assembly(queue, request.app.state.models, principal.tenant, series_uid, deliver, given)
         lookup = f"{request.app.url_path_for('jobs_for_series')}?series_uid={series_uid}"
         for instance, job in zip(members, jobs, strict=True):
@@ -338,10 +272,22 @@ async def collect(
 
 async def store(request: Request, principal: Principal, study: str | None) -> JSONResponse:
     settings: Settings = request.app.state.settings
+    limits = settings.limits
+    declared_length(request, limits.max_upload_bytes)
+    boundary = boundary_of(request.headers.get("content-type", ""))
+    too_many = f"more than {limits.max_files} instances in one request; the limit is {limits.max_files}"
+    async with multipart.received_parts(
+        request, boundary, limits.max_upload_bytes, limits.max_files, too_many
+    ) as parts:
+        if not parts:
+            raise InvalidRequest("the request holds no DICOM parts")
+        return await _store(request, principal, study, parts)
+
+
+async def _store(request: Request, principal: Principal, study: str | None, parts: list[Part]) -> JSONResponse:
+    settings: Settings = request.app.state.settings
     metrics: Metrics = request.app.state.metrics
-    parts = await read_parts(request, settings.limits)
     instances, ignored, failures = await run_in_threadpool(identify, parts, study)
-    del parts
     queue: JobQueue = request.app.state.queue
     deliver = "dicomweb" if settings.dicomweb.destination_url is not None else None
     stored: list[tuple[Instance, str]] = []

@@ -22,7 +22,7 @@ from service.dataplane.models import ModelDirectory
 from service.dataplane.submit import IDEMPOTENCY_HEADER, idempotency_key, modality_hint, submit_upload
 from service.errors import InvalidRequest, ResultNotReady, ServiceError
 from service.gateway.identity import Caller, error_headers
-from service.gateway.uploads import read_files
+from service.gateway.uploads import received_files
 from service.outputs import formats as outputs
 from service.queue import JobQueue
 from service.repository import parse_reference
@@ -121,22 +121,21 @@ async def submit(
         check_series_uid(series_uid)
     models: ModelDirectory = request.app.state.models
     await models.route(name, version)  # an unknown model or version is refused before the upload is read
-    files = await read_files(request, settings.limits)
     queue = queue_of(request)
-    job = await submit_upload(
-        queue,
-        models,
-        files,
-        settings.limits,
-        hint,
-        tenant=principal.tenant,
-        model=name,
-        version=version,
-        series_uid=series_uid,
-        trace_parent=request.headers,
-        idempotency_key=key,
-    )
-    del files
+    async with received_files(request, settings.limits) as files:
+        job = await submit_upload(
+            queue,
+            models,
+            files,
+            settings.limits,
+            hint,
+            tenant=principal.tenant,
+            model=name,
+            version=version,
+            series_uid=series_uid,
+            trace_parent=request.headers,
+            idempotency_key=key,
+        )
     await access_of(request).record("submit", principal, API, job.id)
     location = f"/v1/segmentations/{job.id}"
     if wait:

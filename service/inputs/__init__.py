@@ -25,7 +25,7 @@ def one_series(files: Sequence[Upload], limits: LimitSettings, series_uid: str) 
     fmt, members = classify(files, limits)
     if fmt != "dicom":
         raise InvalidRequest(f"series_uid picks a DICOM series; this upload is {fmt}")
-    return [(f"instance-{k + 1}.dcm", m.read()) for k, m in enumerate(dicom.select(members, limits, series_uid))]
+    return [(f"instance-{k + 1}.dcm", m.upload()) for k, m in enumerate(dicom.select(members, limits, series_uid))]
 
 
 def decode(

@@ -19,7 +19,7 @@ from nibabel.orientations import aff2axcodes
 
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, ServiceError
-from service.inputs.sniff import NIFTI_HEAD, gunzip_prefix, nifti_version, quiet
+from service.inputs.sniff import GZIP_HEAD_BYTES, NIFTI_HEAD, gunzip_prefix, nifti_version, quiet
 from service.inputs.volume import InputHeader, Member, Volume, repair_non_finite, storage_dtype
 
 _UNSCALED_KEPT = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
@@ -39,8 +39,12 @@ class _Layout:
 
 
 def _parse_header(member: Member) -> Nifti1Header:
-    data = member.read()
-    head = bytes(gunzip_prefix(data, NIFTI_HEAD, member.label)) if member.kind == "nifti-gz" else data[:NIFTI_HEAD]
+    """From the file's first bytes alone (the gateway may hold a spooled 150 MB volume: it reads no more)."""
+    with member.open() as fp:
+        if member.kind == "nifti-gz":
+            head = bytes(gunzip_prefix(fp.read(GZIP_HEAD_BYTES), NIFTI_HEAD, member.label))
+        else:
+            head = fp.read(NIFTI_HEAD)
     version = nifti_version(head)
     if version is None:
         raise InvalidImage(f"{member.label}: NIfTI header is truncated")

@@ -41,5 +41,5 @@ def probe(
         return nifti.probe(members[0], limits, hint)
     if fmt == "tensor":
         member = members[0]
-        return tensor.probe_tensor(member.read(), limits, tensor_layout(files, layout), hint, member.label)
+        return tensor.probe_tensor(member.upload(), limits, tensor_layout(files, layout), hint, member.label)
     return raster.probe(members[0], fmt, limits, hint)

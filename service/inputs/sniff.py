@@ -8,7 +8,6 @@ directory, NIfTI header) and inflating never produces more bytes than were asked
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 import zipfile
@@ -19,6 +18,7 @@ from typing import BinaryIO, Literal
 
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, PayloadTooLarge, UnsupportedFormat
+from service.inputs.spool import Data, opener, whole
 from service.inputs.volume import Format, Kind, Member, Upload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,6 +28,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 NPY_MAGIC = b"\x93NUMPY"  # a NumPy .npy tensor (service.inputs.tensor)
 NIFTI_HEAD = 544  # enough for either NIfTI header (348 or 540 bytes) and NIfTI-1's 4 extension flag bytes
 _CHUNK = 1 << 16
+# Compressed bytes read to inflate a gzip'd NIfTI's header: its gzip header (a file name at most) and 544 bytes.
+GZIP_HEAD_BYTES = _CHUNK
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 # Zip members that are never part of a series: folders, macOS resource forks, hidden files, the media directory.
 _SKIPPED_MEMBER = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|DICOMDIR$)", re.IGNORECASE)
@@ -159,7 +161,7 @@ def _kind(head: bytes, stream: Callable[[], BinaryIO], what: str) -> Kind | Lite
         return "nifti"
     if head.startswith(GZIP_MAGIC):
         with stream() as fp:
-            inner = gunzip_prefix(fp.read(_CHUNK), NIFTI_HEAD, what)
+            inner = gunzip_prefix(fp.read(GZIP_HEAD_BYTES), NIFTI_HEAD, what)
         if nifti_version(bytes(inner)):
             return "nifti-gz"
         return None
@@ -173,8 +175,8 @@ def _kind(head: bytes, stream: Callable[[], BinaryIO], what: str) -> Kind | Lite
 # ------------------------------------------------------------------------------------------------- uploads
 
 
-def _plain(what: str, kind: Kind, data: bytes) -> Member:
-    return Member(what, kind, len(data), lambda: data, lambda: io.BytesIO(data))
+def _plain(what: str, kind: Kind, data: Data) -> Member:
+    return Member(what, kind, len(data), lambda: whole(data), lambda: opener(data), lambda: data)
 
 
 def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> Member:
@@ -184,14 +186,14 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, what: str) -> M
         except Exception as exc:  # CRC mismatch, truncation, encryption, unknown compression
             raise InvalidImage(f"{what}: cannot be extracted ({type(exc).__name__})") from exc
 
-    return Member(what, "dicom", info.file_size, read, lambda: archive.open(info))  # type: ignore[arg-type]
+    return Member(what, "dicom", info.file_size, read, lambda: archive.open(info), read)  # type: ignore[arg-type]
 
 
-def _zip_members(data: bytes, what: str, limits: LimitSettings, counted: int) -> list[Member]:
+def _zip_members(data: Data, what: str, limits: LimitSettings, counted: int) -> list[Member]:
     """The DICOM files of a zip. Member count and declared sizes are checked from the central directory before
     anything is inflated; zipfile then never inflates a member past its declared size (and checks its CRC)."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(opener(data))
         infos = [i for i in archive.infolist() if not i.is_dir() and not _SKIPPED_MEMBER.search(i.filename)]
     except Exception as exc:
         raise InvalidImage(f"{what}: not a readable zip archive ({type(exc).__name__})") from exc
@@ -249,7 +251,7 @@ def classify(files: Sequence[Upload], limits: LimitSettings) -> tuple[Format, li
         if not data:
             raise InvalidImage(f"{what}: is empty")
         head = bytes(data[:NIFTI_HEAD])
-        kind = _kind(head, lambda data=data: io.BytesIO(data), what)
+        kind = _kind(head, lambda data=data: opener(data), what)
         if kind is None:
             raise UnsupportedFormat(
                 f"{what}: not DICOM, NIfTI (.nii, .nii.gz), PNG, JPEG, a NumPy .npy tensor or a zip of DICOM files"

@@ -26,12 +26,14 @@ import io
 import math
 import re
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from numpy.lib import format as npy_format
 
 from service.config import LimitSettings
 from service.errors import ImageTooLarge, InvalidImage, InvalidTensor
+from service.inputs.spool import Data, opener
 from service.inputs.volume import InputHeader, Upload, Volume
 
 LAYOUTS = ("HW", "HWC", "CHW", "NHW", "NHWC", "NCHW")
@@ -116,9 +118,8 @@ def encode(array: np.ndarray, layout: str) -> Upload:
     return file_name(layout), buffer.getvalue()
 
 
-def _header(data: bytes, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and data offset from the npy header alone."""
-    stream = io.BytesIO(data)
+def _header(stream: BinaryIO, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset from the npy header alone (``stream`` at the file's start)."""
     try:
         version = npy_format.read_magic(stream)
         if version == (1, 0):
@@ -137,11 +138,12 @@ def _header(data: bytes, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
 
 
 def _read_header(
-    data: bytes, limits: LimitSettings, layout: str | None, what: str
+    data: Data, limits: LimitSettings, layout: str | None, what: str
 ) -> tuple[tuple[int, ...], np.dtype, int, str, tuple[int, int, int], int]:
     """The header, checked in the order that costs nothing: format, dtype, shape against the limits, and only then
     the byte count (a huge declared shape is refused as too large, not as truncated)."""
-    shape, dtype, offset = _header(data, what)
+    with opener(data) as stream:
+        shape, dtype, offset = _header(stream, what)
     layout, zyx, channels = check_shape(shape, layout, limits, what)
     expected = math.prod(shape) * dtype.itemsize
     if len(data) - offset != expected:
@@ -150,8 +152,9 @@ def _read_header(
 
 
 def probe_tensor(
-    data: bytes, limits: LimitSettings, layout: str | None, modality_hint: str | None, what: str = "the tensor"
+    data: Data, limits: LimitSettings, layout: str | None, modality_hint: str | None, what: str = "the tensor"
 ) -> InputHeader:
+    """From the header alone: ``data`` may be a spooled upload the gateway never reads whole."""
     _, _, _, _, zyx, channels = _read_header(data, limits, layout, what)
     return InputHeader("tensor", modality_hint, zyx, channels, 1, None)
 

@@ -15,8 +15,10 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 
 from service.errors import InvalidImage
+from service.inputs.spool import Data
 
-Upload = tuple[str, bytes]  # (file name as the client gave it, possibly ""; raw bytes)
+# (file name as the client gave it, possibly ""; its bytes, or on the gateway a large file spooled to disk)
+Upload = tuple[str, Data]
 Format = Literal["dicom", "nifti", "png", "jpeg", "tensor"]
 # A member's format as sniffed: "nifti-gz" is NIfTI behind gzip, told apart because its header needs inflating.
 Kind = Literal["dicom", "nifti", "nifti-gz", "png", "jpeg", "tensor"]
@@ -71,13 +73,15 @@ class Volume:
 @dataclass(frozen=True)
 class Member:
     """One file of an upload after zips are opened. ``read`` gives all bytes, ``open`` a stream for header-only
-    reads (a zip member is then inflated only as far as its header)."""
+    reads (a zip member is then inflated only as far as its header), ``upload`` the file as it is to be queued (a
+    spooled upload stays on disk; a zip member's bytes)."""
 
     label: str  # how messages name it, by position only: "file 2" or "file 1 member 7" (names can identify patients)
     kind: Kind
     size: int  # bytes, uncompressed for zip members
     read: Callable[[], bytes] = field(repr=False)
     open: Callable[[], BinaryIO] = field(repr=False)
+    upload: Callable[[], Data] = field(repr=False)
 
 
 _INTEGER_STORAGE = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from service.config import QueueSettings
 from service.errors import JobNotFound, QueueFull, Unavailable
+from service.inputs.spool import Data, pieces
 from service.queue.blobs import Blobs
 from service.queue.connection import redis_errors, text
 from service.queue.keys import QueueKeys, new_job_id, now
@@ -96,14 +97,15 @@ _REPEAT = _REPEAT_LUA + "return repeat_of(KEYS[1], ARGV[1])"
 _NOT_IDENTITY = frozenset({"submitted_at", "trace"})
 
 
-def upload_digest(files: Sequence[tuple[str, bytes]], meta: dict[str, Any]) -> str:
+def upload_digest(files: Sequence[tuple[str, Data]], meta: dict[str, Any]) -> str:
     """sha256 over the job's options and files (names and bytes): equal only for a repeat of the same request."""
     digest = hashlib.sha256()
     options = {k: v for k, v in meta.items() if k not in _NOT_IDENTITY}
     digest.update(json.dumps(options, sort_keys=True, separators=(",", ":"), default=str).encode())
     for name, data in files:
         digest.update(b"\0%d\0%s\0%d\0" % (len(name), name.encode(errors="surrogateescape"), len(data)))
-        digest.update(data)
+        for piece in pieces(data):
+            digest.update(piece)
     return digest.hexdigest()
 
 
@@ -127,7 +129,7 @@ class Admission:
     @redis_errors
     async def submit(
         self,
-        files: Sequence[tuple[str, bytes]],
+        files: Sequence[tuple[str, Data]],
         meta: dict[str, Any],
         *,
         tenant: str,
@@ -197,7 +199,7 @@ class Admission:
 
     async def _repeat_key(
         self,
-        files: Sequence[tuple[str, bytes]],
+        files: Sequence[tuple[str, Data]],
         meta: dict[str, Any],
         tenant: str,
         idempotency_key: str | None,

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from service.config import QueueSettings
 from service.errors import InvalidRequest, JobNotFound, OutputNotAvailable, PayloadTooLarge, ServiceError
+from service.inputs.spool import Data
 from service.queue import payload as payload_codec
 from service.queue.connection import redis_errors
 from service.queue.keys import QueueKeys, check_id
@@ -28,7 +29,7 @@ class Blobs:
         self._settings = settings
         self._keys = keys
 
-    async def store_packed(self, key: str, files: Sequence[tuple[str, bytes]], ttl: int) -> None:
+    async def store_packed(self, key: str, files: Sequence[tuple[str, Data]], ttl: int) -> None:
         """Write the packed upload in chunks: reserve the header, append the members, write the header.
 
         A 150 MB volume is never built a second time in memory, and the socket's send buffer never

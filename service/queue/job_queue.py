@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from service.config import QueueSettings
 from service.errors import JobNotFound, ServiceError
+from service.inputs.spool import Data
 from service.queue.admission import Admission
 from service.queue.assembly import Assembly
 from service.queue.blobs import Blobs
@@ -73,7 +74,7 @@ class JobQueue(QueueKeys):
 
     async def submit(
         self,
-        files: Sequence[tuple[str, bytes]],
+        files: Sequence[tuple[str, Data]],
         meta: dict[str, Any],
         *,
         tenant: str,

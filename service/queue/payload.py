@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from service.inputs.spool import Data, pieces, whole
+
 MAGIC = b"C2PP"
 VERSION = 1
 FLAG_ZLIB = 0x01
@@ -51,7 +53,7 @@ class PayloadOverLimit(ValueError):
     """The files add up to more than the reader's limit once decompressed (a ValueError like the rest)."""
 
 
-def _worth_compressing(data: bytes | memoryview) -> bool:
+def _worth_compressing(data: Data) -> bool:
     """Large members: decided on a sample from the middle (headers compress well, pixels may not)."""
     start = (len(data) - PROBE_BYTES) // 2
     probe = data[start : start + PROBE_BYTES]
@@ -61,8 +63,6 @@ def _worth_compressing(data: bytes | memoryview) -> bool:
 def _compress(data: bytes) -> bytes | None:
     """The zlib stream when it saves at least ``MIN_GAIN``, else None (store the member raw)."""
     if not data:
-        return None
-    if len(data) > PROBE_ABOVE and not _worth_compressing(data):
         return None
     packed = zlib.compress(data, LEVEL)
     return packed if len(packed) <= (1 - MIN_GAIN) * len(data) else None
@@ -77,7 +77,7 @@ class StreamPacker:
     byte what ``pack`` returns, so ``unpack`` reads both.
     """
 
-    def __init__(self, files: Sequence[tuple[str, bytes]]) -> None:
+    def __init__(self, files: Sequence[tuple[str, Data]]) -> None:
         self.files = files
         self.names = []
         for name, _ in files:
@@ -91,38 +91,35 @@ class StreamPacker:
     def header_size(self) -> int:
         return _HEAD.size + sum(_NAME_LEN.size + len(n) + _ENTRY.size for n in self.names)
 
-    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
-        """The members' stored bytes, at most about ``size`` bytes per chunk."""
+    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes | memoryview]:
+        """The members' stored bytes, at most about ``size`` bytes per chunk. A member spooled to disk is read
+        one chunk at a time, so packing never holds more than a chunk of it."""
         self.entries = []
         for (_, data), encoded in zip(self.files, self.names, strict=True):
-            view = memoryview(data)
-            crc = zlib.crc32(view)
-            stored_len = 0
-            if len(view) <= PROBE_ABOVE:
-                stored = _compress(bytes(view))
+            raw_len, crc, stored_len = len(data), 0, 0
+            if raw_len <= PROBE_ABOVE:
+                small = whole(data)
+                crc = zlib.crc32(small)
+                stored = _compress(small)
                 flags = FLAG_ZLIB if stored is not None else 0
-                body = stored if stored is not None else bytes(view)
+                body = stored if stored is not None else small
                 stored_len = len(body)
                 if body:
                     yield body
-            elif _worth_compressing(view):
-                flags = FLAG_ZLIB
-                compressor = zlib.compressobj(LEVEL)
-                for start in range(0, len(view), size):
-                    out = compressor.compress(view[start : start + size])
+            else:
+                flags = FLAG_ZLIB if _worth_compressing(data) else 0
+                compressor = zlib.compressobj(LEVEL) if flags else None
+                for piece in pieces(data, size):
+                    crc = zlib.crc32(piece, crc)
+                    out = compressor.compress(piece) if compressor is not None else piece
                     if out:
                         stored_len += len(out)
                         yield out
-                out = compressor.flush()
-                stored_len += len(out)
-                yield out
-            else:
-                flags = 0
-                for start in range(0, len(view), size):
-                    piece = bytes(view[start : start + size])
-                    stored_len += len(piece)
-                    yield piece
-            self.entries.append(_NAME_LEN.pack(len(encoded)) + encoded + _ENTRY.pack(flags, stored_len, len(view), crc))
+                if compressor is not None:
+                    out = compressor.flush()
+                    stored_len += len(out)
+                    yield out
+            self.entries.append(_NAME_LEN.pack(len(encoded)) + encoded + _ENTRY.pack(flags, stored_len, raw_len, crc))
 
     def header(self) -> bytes:
         """Valid once ``chunks`` has been consumed to the end."""
@@ -133,7 +130,7 @@ class StreamPacker:
         return header
 
 
-def pack(files: Sequence[tuple[str, bytes]]) -> bytes:
+def pack(files: Sequence[tuple[str, Data]]) -> bytes:
     """One value for Redis holding every uploaded file, each compressed only if that pays."""
     packer = StreamPacker(files)
     body = b"".join(packer.chunks())

@@ -1,6 +1,8 @@
 """The worker: jobs from the Redis stream through the pipeline, results back, nothing lost.
 
-Up to ``concurrency`` jobs are in flight at once so their slices fill the batcher's batches. Input
+Up to ``concurrency`` jobs are in flight at once so their slices fill the batcher's batches; jobs are taken one
+at a time, and only while those held have fewer than ``max_slices_in_flight`` slices in all, so a burst of large
+volumes cannot take more memory than a few (a job larger than the bound runs alone). Input
 errors (4xx) fail a job for good; anything else is treated as the worker's problem: the error is noted
 and the entry handed back, so the janitor redelivers it (here or on another worker) until the delivery
 limit sends it to the dead-letter stream. A heartbeat renews the leases of the jobs in flight while this
@@ -58,6 +60,19 @@ class Held(NamedTuple):
     delivery: Delivery
     task: asyncio.Task
     since: float
+
+    @property
+    def slices(self) -> int:
+        return slices_of(self.delivery)
+
+
+def slices_of(delivery: Delivery) -> int:
+    """The job's slices as the gateway's probe declared them (its meta's shape); 1 when not said."""
+    shape = delivery.meta.get("shape")
+    try:
+        return max(1, int(shape[0])) if isinstance(shape, list) and shape else 1
+    except (TypeError, ValueError):
+        return 1
 
 
 @dataclass(frozen=True)
@@ -180,12 +195,11 @@ class Worker:
     async def _intake(self) -> None:
         backoff = 0.1
         while not self.stopping.is_set():
-            free = self.settings.worker.concurrency - len(self.in_flight)
-            if free <= 0:
+            if not self._has_room():
                 await self._wait_for_slot()
                 continue
             try:
-                deliveries = await self.queue.read(self.consumer, free, block_ms=500, lanes=list(self.lanes))
+                deliveries = await self.queue.read(self.consumer, 1, block_ms=500, lanes=list(self.lanes))
                 backoff = 0.1
             except (RedisError, ServiceError, OSError) as err:
                 log.warning("cannot read the job stream (%s); retrying in %.1f s", type(err).__name__, backoff)
@@ -204,6 +218,13 @@ class Worker:
     def _finished(self, job_id: str) -> None:
         self.in_flight.pop(job_id, None)
         self.metrics.pending_requests.set(len(self.in_flight))
+
+    def _has_room(self) -> bool:
+        """Room for one more job: fewer than ``concurrency`` held, and their slices under the bound (or none held)."""
+        worker = self.settings.worker
+        if len(self.in_flight) >= worker.concurrency:
+            return False
+        return sum(held.slices for held in self.in_flight.values()) < worker.max_slices_in_flight
 
     def _leased(self) -> list[Delivery]:
         """The jobs in flight whose leases the heartbeat renews: all but those held past ``job_deadline_s``, which
@@ -365,21 +386,23 @@ class Worker:
             await self._sleep(self.settings.worker.janitor_interval_s)
             if self.stopping.is_set():
                 return
-            free = self.settings.worker.concurrency - len(self.in_flight)
-            if free <= 0:
-                continue
-            reclaimed: list[Delivery] = []
             for lane in self.lanes.values():
-                if len(reclaimed) >= free:  # no room for more this round
-                    break
-                try:
-                    reclaimed += await lane.queue.reclaim(self.consumer, count=free - len(reclaimed))
-                except (RedisError, ServiceError, OSError) as err:
-                    log.warning("janitor failed on %s (%s)", lane.model.name, type(err).__name__)
-            for delivery in reclaimed:
-                log.info("job %s reclaimed (delivery %d)", delivery.job_id, delivery.deliveries)
-                self.metrics.redeliveries.inc()
-                self._start(delivery)
+                # One at a time, as intake takes them, while there is room; at most ``concurrency`` tries a round
+                # (a try that dead-letters an entry past its delivery limit returns none).
+                for _ in range(self.settings.worker.concurrency):
+                    if self.stopping.is_set() or not self._has_room():
+                        break
+                    try:
+                        reclaimed = await lane.queue.reclaim(self.consumer, count=1)
+                    except (RedisError, ServiceError, OSError) as err:
+                        log.warning("janitor failed on %s (%s)", lane.model.name, type(err).__name__)
+                        break
+                    if not reclaimed:
+                        break
+                    for delivery in reclaimed:
+                        log.info("job %s reclaimed (delivery %d)", delivery.job_id, delivery.deliveries)
+                        self.metrics.redeliveries.inc()
+                        self._start(delivery)
 
     async def _drain(self) -> None:
         if not self.in_flight:
