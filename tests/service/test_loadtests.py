@@ -211,3 +211,20 @@ def test_the_chaos_drill_loses_nothing_and_answers_nothing_twice(exported: Path,
     assert drilled["parameters"]["variant"] == "c2p-test-64" and drilled["parameters"]["worker_kills"] == 1
     (resumed,) = drilled["kill_resumed_s"]  # the killed worker's jobs ran again on the other one
     assert resumed is not None and drilled["kills_resumed_within_30_s"], drilled["kill_resumed_s"]
+
+
+def test_the_upload_memory_benchmark_reports_each_case() -> None:
+    """loadtests/bench_upload_memory.py small (20 slices): every case admitted, the fields there; the ratio it
+    measures is asserted only where it means something, for 150 MB (docs/loadtest.md)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("C2P_")}
+    command = [sys.executable, "loadtests/bench_upload_memory.py", "--slices", "20"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    report = json.loads(done.stdout)
+    assert set(report["cases"]) == {"nifti_rest", "dicom_series_rest", "dicom_series_stow"}
+    for case in report["cases"].values():
+        assert case["status"] in (200, 202) and case["upload_mb"] > 9, case
+        assert case["rss_peak_mb"] >= case["rss_before_mb"] and case["rss_growth_over_upload"] >= 0
+    assert report["goal"] == 0.3 and isinstance(report["meets_goal"], bool)
